@@ -1,0 +1,33 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both run `setup` first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+WORK    ?= runs/demo
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+# Re-installs only when the dependency files change, so the second `make setup` is instant.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/dpalign world build --out $(WORK)/world --seed 0
+	$(BIN)/dpalign pretrain --preset tiny --world $(WORK)/world --out $(WORK)/base-tiny
+	$(BIN)/dpalign eval --model $(WORK)/base-tiny --world $(WORK)/world --out $(WORK)/base-tiny/eval.json
+
+test: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

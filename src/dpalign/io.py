@@ -1,0 +1,55 @@
+"""Atomic file writes: a reader never sees a half-written file.
+
+Every writer goes through a temporary file in the same directory followed by
+``os.replace``, which is atomic on POSIX file systems.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write one JSON object per line atomically."""
+    text = "".join(json.dumps(dict(row), ensure_ascii=False) + "\n" for row in rows)
+    return atomic_write_text(path, text)
+
+
+def append_jsonl(path: str | Path, row: Mapping[str, Any]) -> None:
+    """Append one JSON line and flush it to disk (for per-step logs)."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
