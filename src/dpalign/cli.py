@@ -1,0 +1,150 @@
+"""The ``dpalign`` command line: each command parses options and calls the library."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dpalign.config import apply_overrides
+
+app = typer.Typer(help="Differentially private preference alignment of vision-language models.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+world_app = typer.Typer(help="The synthetic image-text world.", no_args_is_help=True)
+data_app = typer.Typer(help="Preference data files.", no_args_is_help=True)
+app.add_typer(world_app, name="world")
+app.add_typer(data_app, name="data")
+console = Console()
+err = Console(stderr=True)
+
+Overrides = Annotated[list[str] | None, typer.Argument(help="key=value settings, e.g. steps=200")]
+
+
+def fail(message: str) -> typer.Exit:
+    """Print ``message`` as an error and return the exit to raise (status 1)."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(1)
+
+
+@world_app.command("build")
+def world_build(
+    out: Annotated[Path, typer.Option(help="Folder to write the world into.")],
+    seed: Annotated[int, typer.Option(help="Seed: the same seed gives identical files.")] = 0,
+    force: Annotated[bool, typer.Option(help="Replace a different world at OUT.")] = False,
+    overrides: Overrides = None,
+) -> None:
+    """Build the synthetic image-text world (pretraining, preference pairs, POPE, captions)."""
+    from dpalign.world.build import WorldExistsError, build_world
+    from dpalign.world.config import WorldConfig
+
+    try:
+        cfg = apply_overrides(WorldConfig(seed=seed), overrides or [])
+        path, built = build_world(out, cfg, force=force)
+    except (WorldExistsError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    stats = json.loads((path / "world.json").read_text())["stats"]
+    verb = "built" if built else "up to date (same config)"
+    console.print(f"world {verb}: {path}")
+    console.print({k: v for k, v in stats.items() if k != "object_frequency"})
+
+
+@data_app.command("validate")
+def data_validate(
+    file: Annotated[Path, typer.Argument(help="Preference JSONL file.")],
+    no_images: Annotated[bool, typer.Option("--no-images", help="Skip image checks.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+) -> None:
+    """Check a preference JSONL file: schema, duplicate ids, images readable."""
+    from dpalign.data.errors import DataValidationError
+    from dpalign.data.records import validate_preference_file
+
+    try:
+        summary = validate_preference_file(file, check_images=not no_images)
+    except DataValidationError as exc:
+        raise fail(str(exc)) from exc
+    info = {"path": str(summary.path), "records": summary.n_records, "images": summary.n_images,
+            "users": summary.n_users, "error_kinds": summary.error_kinds}
+    console.print(json.dumps(info) if as_json else f"ok: {info}", highlight=False)
+
+
+@app.command()
+def pretrain(
+    out: Annotated[Path, typer.Option(help="Folder for the base model.")],
+    world: Annotated[Path, typer.Option(help="World folder (from `dpalign world build`).")],
+    preset: Annotated[str, typer.Option(help="Model preset.")] = "tiny",
+    force: Annotated[bool, typer.Option(help="Rebuild even if OUT holds this model.")] = False,
+    overrides: Overrides = None,
+) -> None:
+    """Pretrain a base VLM on the world's biased pretraining split (cached at OUT)."""
+    from dpalign.models.presets import PRESETS
+    from dpalign.train.pretrain import PretrainConfig
+    from dpalign.train.pretrain import pretrain as run_pretrain
+    from dpalign.world.load import NotAWorldError
+
+    if preset not in PRESETS:
+        raise fail(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    try:
+        cfg = apply_overrides(PretrainConfig(preset=preset), overrides or [])
+        result = run_pretrain(world, out, cfg, force=force)
+    except (NotAWorldError, FileExistsError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    verb = "trained" if result.built else "up to date (cached)"
+    console.print(f"base model {verb}: {result.out}  loss {result.first_loss:.3f} -> "
+                  f"{result.last_loss:.3f}  wall {result.wall_seconds:.0f}s")
+
+
+def _eval_table(report: dict) -> Table:
+    table = Table(title="Hallucination figures")
+    for column in ("metric", "random", "popular", "adversarial"):
+        table.add_column(column, justify="right")
+    for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+        table.add_row(f"POPE {key}", *(f"{report['pope'][s][key]:.3f}"
+                                       for s in ("random", "popular", "adversarial")))
+    chair = report["chair"]
+    for key in ("chair_s", "chair_i", "recall", "partner_hallucination_rate"):
+        table.add_row(f"CHAIR {key}" if key.startswith("chair") else key, f"{chair[key]:.3f}",
+                      "", "")
+    return table
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Model folder (save_pretrained layout).")],
+    world: Annotated[Path, typer.Option(help="World folder.")],
+    out: Annotated[Path | None, typer.Option(help="JSON file (default MODEL/eval.json).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 64,
+    limit: Annotated[int | None, typer.Option(help="At most N images per part.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Last line: the JSON result.")] = False,
+) -> None:
+    """POPE (random/popular/adversarial), CHAIR and object recall of a model on a world."""
+    from dpalign.eval.world_eval import EvalSettings, evaluate_world
+    from dpalign.io import atomic_write_json
+    from dpalign.models.load import ModelFolderError, load_vlm
+    from dpalign.world.load import NotAWorldError, World
+
+    try:
+        the_world = World.load(world)
+        vlm = load_vlm(model)
+    except (NotAWorldError, ModelFolderError) as exc:
+        raise fail(str(exc)) from exc
+    report = evaluate_world(vlm.model, vlm.processor, the_world,
+                            EvalSettings(batch_size=batch_size, limit=limit))
+    report["model"] = str(model.resolve())
+    path = atomic_write_json(out or model / "eval.json", report)
+    console.print(_eval_table(report))
+    console.print(f"written: {path}")
+    if as_json:
+        summary = {k: v for k, v in report.items() if k != "captions"}
+        print(json.dumps(summary))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Read, validate and write preference JSONL files (schema in ``dpalign.data.schema``).
+
+The reader checks the whole file and raises one ``DataValidationError`` listing every
+problem with its file and 1-based line. Records come back with image paths made absolute;
+the writer stores them relative to the output file's folder when they lie under it, so a
+data folder (file + images) can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from pydantic import ValidationError
+
+from dpalign.data.errors import DataIssue, DataValidationError
+from dpalign.data.schema import (
+    PairMetadata,
+    PreferenceRecord,
+    describe_validation_error,
+    json_type_name,
+)
+from dpalign.io import atomic_write_jsonl
+
+
+@dataclass(frozen=True)
+class ValidationSummary:
+    """What a valid preference file holds."""
+
+    path: Path
+    n_records: int
+    n_images: int  # distinct image files
+    n_users: int  # distinct non-null metadata.user_id
+    error_kinds: dict[str, int]  # metadata.error_kind -> count of records
+
+
+def read_preference_jsonl(path: str | Path, *, check_images: bool = True) -> list[PreferenceRecord]:
+    """Read and validate a preference JSONL file; image paths come back absolute.
+
+    Blank lines are skipped. Every problem (bad JSON, schema errors, duplicate ids, missing
+    or unreadable images when ``check_images``) is collected, then all are raised together
+    as one ``DataValidationError``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        problem = "not a regular file" if path.exists() else "file not found"
+        raise DataValidationError([DataIssue(path, 0, problem)])
+    issues: list[DataIssue] = []
+    records: list[PreferenceRecord] = []
+    first_line_of_id: dict[str, int] = {}
+    image_problems: dict[str, str | None] = {}  # absolute path -> problem; checked once
+    base = path.parent.absolute()
+    n_lines = 0
+    for line_no, text in _non_blank_lines(path, issues):
+        n_lines += 1
+        record = _parse_record(text, path, line_no, issues)
+        if record is None:
+            continue
+        if record.id in first_line_of_id:
+            message = f"duplicate id '{record.id}' (first on line {first_line_of_id[record.id]})"
+            issues.append(DataIssue(path, line_no, message))
+            continue
+        first_line_of_id[record.id] = line_no
+        resolved = tuple(_absolute(image, base) for image in record.images)
+        if check_images:
+            messages = _image_issues(record.images, resolved, image_problems)
+            issues.extend(DataIssue(path, line_no, message) for message in messages)
+        records.append(record.model_copy(update={"images": resolved}))
+    if n_lines == 0 and not issues:
+        issues.append(DataIssue(path, 0, "file is empty: no records"))
+    if issues:
+        raise DataValidationError(sorted(issues, key=lambda issue: issue.line))
+    return records
+
+
+def validate_preference_file(path: str | Path, *, check_images: bool = True) -> ValidationSummary:
+    """Check a preference file and summarize it; raises ``DataValidationError`` on problems."""
+    records = read_preference_jsonl(path, check_images=check_images)
+    kinds = Counter(r.metadata.error_kind for r in records if r.metadata.error_kind is not None)
+    return ValidationSummary(
+        path=Path(path),
+        n_records=len(records),
+        n_images=len({image for record in records for image in record.images}),
+        n_users=len({r.user_id for r in records if r.user_id is not None}),
+        error_kinds=dict(sorted(kinds.items())),
+    )
+
+
+def write_preference_jsonl(
+    path: str | Path,
+    records: Iterable[PreferenceRecord],
+    *,
+    relative_to: Path | None = None,
+) -> Path:
+    """Write records atomically, one JSON object per line; returns the path written.
+
+    ``relative_to`` is the folder that *relative* image paths in ``records`` are relative
+    to; when None they are taken as already relative to the output file's folder and
+    written unchanged. Absolute paths under the output folder are written relative to it;
+    others stay absolute. Reading the file back gives equal records.
+    """
+    path = Path(path)
+    folder = Path(os.path.normpath(path.parent.absolute()))
+    rows = []
+    seen: set[str] = set()
+    for record in records:
+        if record.id in seen:
+            raise ValueError(f"duplicate id '{record.id}': ids must be unique in a file")
+        seen.add(record.id)
+        images = [_portable(image, folder, relative_to) for image in record.images]
+        rows.append(_to_row(record, images))
+    return atomic_write_jsonl(path, rows)
+
+
+def _non_blank_lines(path: Path, issues: list[DataIssue]) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of each non-blank line; undecodable lines become issues."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    for line_no, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            issues.append(DataIssue(path, line_no, f"line is not valid UTF-8: {error.reason}"))
+            continue
+        if text.strip():
+            yield line_no, text
+
+
+def _parse_record(
+    text: str, path: Path, line_no: int, issues: list[DataIssue]
+) -> PreferenceRecord | None:
+    """Decode one line into a record, or add its problems to ``issues`` and return None."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as error:
+        issues.append(DataIssue(path, line_no, f"malformed JSON: {error}"))
+        return None
+    if not isinstance(obj, dict):
+        message = f"line is not a JSON object (got {json_type_name(obj)})"
+        issues.append(DataIssue(path, line_no, message))
+        return None
+    try:
+        return PreferenceRecord.model_validate(obj)
+    except ValidationError as error:
+        issues.extend(DataIssue(path, line_no, m) for m in describe_validation_error(error))
+        return None
+
+
+def _absolute(image: str, base: Path) -> str:
+    """An image path made absolute against ``base`` and normalized (no symlink resolving)."""
+    return os.path.normpath(base / Path(image).expanduser())
+
+
+def _image_issues(
+    images: tuple[str, ...], resolved: tuple[str, ...], cache: dict[str, str | None]
+) -> list[str]:
+    """Messages for a record's unusable images; ``cache`` maps absolute path -> problem."""
+    messages = []
+    for image, absolute in zip(images, resolved, strict=True):
+        if absolute not in cache:
+            cache[absolute] = _image_problem(absolute)
+        if cache[absolute] is not None:
+            messages.append(f"image '{image}' {cache[absolute]}")
+    return messages
+
+
+def _image_problem(absolute: str) -> str | None:
+    """Why the image at ``absolute`` cannot be used, or None when it opens and verifies."""
+    if not os.path.exists(absolute):
+        return f"not found (looked at {absolute})"
+    try:
+        with Image.open(absolute) as image:
+            image.verify()
+    except Exception as error:  # PIL raises many types for corrupt files; all mean unreadable
+        return f"cannot be read: {error}"
+    return None
+
+
+def _portable(image: str, folder: Path, relative_to: Path | None) -> str:
+    """The path to store for ``image`` in a file that lives in ``folder``."""
+    if relative_to is None and not Path(image).expanduser().is_absolute():
+        return image
+    absolute = Path(_absolute(image, (relative_to or folder).absolute()))
+    if absolute.is_relative_to(folder):
+        return absolute.relative_to(folder).as_posix()
+    return str(absolute)
+
+
+def _to_row(record: PreferenceRecord, images: list[str]) -> dict[str, Any]:
+    """The JSON object for one record; unset (None) known metadata fields are left out."""
+    metadata = {
+        key: value
+        for key, value in record.metadata.model_dump(mode="json").items()
+        if value is not None or key not in PairMetadata.model_fields
+    }
+    row: dict[str, Any] = {
+        "id": record.id,
+        "images": images,
+        "prompt": record.prompt,
+        "chosen": record.chosen,
+        "rejected": record.rejected,
+    }
+    if metadata:
+        row["metadata"] = metadata
+    return row
