@@ -26,7 +26,8 @@ from dpalign.io import atomic_write_json, atomic_write_text
 from dpalign.models.encode import PromptEncoder, pad_batch, pixel_values, response_ids
 from dpalign.models.presets import PRESETS
 from dpalign.progress import make_progress
-from dpalign.world.load import World
+from dpalign.train.vision_warmup import cell_labels, warm_up_vision
+from dpalign.world.load import World, read_jsonl
 
 FORMAT = "dpalign-pretrain/1"
 
@@ -45,6 +46,10 @@ class PretrainConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0
     log_every: int = Field(10, ge=1)
+    vision_steps: int = Field(400, ge=0)
+    vision_batch_size: int = Field(64, ge=1)
+    vision_lr: float = Field(1e-3, gt=0)
+    freeze_vision: bool = True
     threads: int | None = Field(None, ge=1)
 
 
@@ -65,6 +70,7 @@ class SFTData:
     responses: list[list[int]]
     image_index: torch.Tensor
     pixels: torch.Tensor
+    image_paths: list[str]
 
 
 def load_sft_data(world: World, processor: object) -> SFTData:
@@ -82,7 +88,25 @@ def load_sft_data(world: World, processor: object) -> SFTData:
         responses=[response_ids(processor, r["response"]) for r in rows],  # type: ignore[arg-type]
         image_index=torch.tensor([position[r["image"]] for r in rows]),
         pixels=pixels,
+        image_paths=paths,
     )
+
+
+def _vision_stage(model: torch.nn.Module, world: World, data: SFTData, cfg: PretrainConfig,
+                  gen: torch.Generator) -> list[dict[str, float]]:
+    """Stage 1 (see ``vision_warmup``), then optionally freeze the tower for stage 2."""
+    by_image = {a["image"]: a for a in read_jsonl(world.pretrain_annotations)}
+    cats, cols = cell_labels([by_image[p] for p in data.image_paths], world.grid)
+    with make_progress() as bar:
+        task = bar.add_task("see", total=cfg.vision_steps, info="")
+        log = warm_up_vision(
+            model, data.pixels, cats, cols, world.grid, steps=cfg.vision_steps,
+            batch_size=cfg.vision_batch_size, lr=cfg.vision_lr, gen=gen,
+            on_step=lambda r: bar.update(task, advance=1,
+                                         info=f"cell acc {r['cell_accuracy']:.2f}"))
+    if cfg.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
+    return log
 
 
 def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
@@ -134,9 +158,11 @@ def pretrain(world_dir: str | Path, out: str | Path, cfg: PretrainConfig, *,
     pad_id = processor.tokenizer.pad_token_id  # type: ignore[attr-defined]
 
     model.train()
-    optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = get_cosine_schedule_with_warmup(optim, cfg.warmup_steps, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
+    vision_log = _vision_stage(model, world, data, cfg, gen) if cfg.vision_steps else []
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                              weight_decay=cfg.weight_decay)
+    sched = get_cosine_schedule_with_warmup(optim, cfg.warmup_steps, cfg.steps)
     log: list[dict[str, float]] = []
     running = math.nan
     with make_progress() as bar:
@@ -177,6 +203,8 @@ def pretrain(world_dir: str | Path, out: str | Path, cfg: PretrainConfig, *,
             "wall_seconds": round(wall, 2), "steps": cfg.steps,
             "n_parameters": sum(p.numel() for p in model.parameters()),
             "threads": torch.get_num_threads(),
+            "vision_cell_accuracy": (sum(r["cell_accuracy"] for r in vision_log[-20:])
+                                     / max(1, len(vision_log[-20:]))),
         })
         if out.exists():
             shutil.rmtree(out)

@@ -5,9 +5,11 @@ Layout of ``OUT``::
     world.json                    config, vocabulary, pairs, statistics, file index
     synonyms.txt                  CHAIR synonym list (official layout)
     pretrain/data.jsonl           biased supervised examples (caption, existence, colour)
+    pretrain/annotations.jsonl    ground-truth objects, colours and grid cells per image
     prefs/pool.jsonl              few-shot preference pool (dpalign preference schema)
     prefs/heldout.jsonl           held-out preference pairs
     pope/{random,popular,adversarial}.jsonl + pope/images/   official POPE layout
+    pope/annotations.jsonl        ground-truth objects of each POPE image
     captions/eval.jsonl           caption-eval images with ground-truth objects
 
 The folder is assembled under a temporary name and renamed into place, so an interrupted
@@ -46,6 +48,17 @@ def _write_images(folder: Path, scenes: dict[str, Scene], label: str) -> None:
         (folder / f"{stem}.png").write_bytes(png_bytes(render(scene)))
 
 
+def _annotations(scenes: dict[str, Scene], suffix: str,
+                 prefix: str = "") -> list[dict[str, object]]:
+    """Ground truth per image: objects, colours and grid cells in reading order."""
+    rows: list[dict[str, object]] = []
+    for stem, scene in scenes.items():
+        ordered = sorted(scene.objects, key=lambda o: o.cell)
+        rows.append({"image": f"{prefix}{stem}{suffix}", "objects": [o.category for o in ordered],
+                     "colours": [o.colour for o in ordered], "cells": [o.cell for o in ordered]})
+    return rows
+
+
 def _manifest(cfg: WorldConfig, stats: dict[str, object]) -> dict[str, object]:
     return {
         "format": FORMAT,
@@ -58,10 +71,12 @@ def _manifest(cfg: WorldConfig, stats: dict[str, object]) -> dict[str, object]:
         "stats": stats,
         "files": {
             "pretrain": "pretrain/data.jsonl",
+            "pretrain_annotations": "pretrain/annotations.jsonl",
             "pool": "prefs/pool.jsonl",
             "heldout": "prefs/heldout.jsonl",
             "pope": {s: f"pope/{s}.jsonl" for s in POPE_SPLITS},
             "pope_images": "pope/images",
+            "pope_annotations": "pope/annotations.jsonl",
             "captions": "captions/eval.jsonl",
             "synonyms": "synonyms.txt",
         },
@@ -87,12 +102,15 @@ def write_world(out: Path, cfg: WorldConfig) -> dict[str, object]:
     caps = splits.caption_split(rng["captions"], cfg)
 
     atomic_write_jsonl(out / "pretrain/data.jsonl", pre.rows)
+    atomic_write_jsonl(out / "pretrain/annotations.jsonl",
+                       _annotations(pre.scenes, ".png", prefix="images/"))
     _write_images(out / "pretrain/images", pre.scenes, "pretrain")
     atomic_write_jsonl(out / "prefs/pool.jsonl", pool.rows)
     atomic_write_jsonl(out / "prefs/heldout.jsonl", held.rows)
     _write_images(out / "prefs/images", {**pool.scenes, **held.scenes}, "prefs")
     for split in POPE_SPLITS:
         atomic_write_jsonl(out / f"pope/{split}.jsonl", pope_rows[split])
+    atomic_write_jsonl(out / "pope/annotations.jsonl", _annotations(pope_scenes, ".png"))
     _write_images(out / "pope/images", pope_scenes, "pope")
     atomic_write_jsonl(out / "captions/eval.jsonl", caps.rows)
     _write_images(out / "captions/images", caps.scenes, "captions")

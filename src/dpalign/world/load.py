@@ -48,6 +48,14 @@ class World:
         return self._file("pretrain")
 
     @property
+    def pretrain_annotations(self) -> Path:
+        return self._file("pretrain_annotations")
+
+    @property
+    def grid(self) -> int:
+        return int(self.manifest["config"]["grid"])
+
+    @property
     def pool_file(self) -> Path:
         return self._file("pool")
 
@@ -66,6 +74,10 @@ class World:
     @property
     def pope_images(self) -> Path:
         return self._file("pope_images")
+
+    @property
+    def pope_annotations(self) -> Path:
+        return self._file("pope_annotations")
 
     def pope_file(self, split: str) -> Path:
         if split not in POPE_SPLITS:

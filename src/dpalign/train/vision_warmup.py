@@ -1,0 +1,89 @@
+"""Stage 1 of pretraining: teach the vision tower to see, as real VLMs start from a
+pretrained vision encoder.
+
+The tower's patch features (the layer the VLM reads) are mean-pooled per grid cell of the
+world's scenes; two linear heads predict each cell's category (or empty) and colour (or
+empty) with cross-entropy. The heads are thrown away afterwards. Without this stage, a
+tower trained from scratch only through the language model's loss learns colours but not
+shapes within the CPU budget (measured: object recall 0.12 after 2,000 steps).
+Shapes: images (B, C, H, W); patch features (B, P, D) with P = (H / patch)^2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.functional import cross_entropy
+
+from dpalign.world.vocab import CATEGORY_NAMES, COLOUR_NAMES
+
+EMPTY = 0  # class 0 = empty cell; categories and colours are numbered from 1
+
+
+def cell_labels(annotations: list[dict], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and cell: category index and colour index (0 = empty), each (N, grid^2)."""
+    cats = torch.zeros((len(annotations), grid * grid), dtype=torch.long)
+    cols = torch.zeros_like(cats)
+    cat_index = {c: i + 1 for i, c in enumerate(CATEGORY_NAMES)}
+    col_index = {c: i + 1 for i, c in enumerate(COLOUR_NAMES)}
+    for row, ann in enumerate(annotations):
+        for obj, colour, cell in zip(ann["objects"], ann["colours"], ann["cells"], strict=True):
+            cats[row, cell] = cat_index[obj]
+            cols[row, cell] = col_index[colour]
+    return cats, cols
+
+
+def pool_cells(features: torch.Tensor, grid: int) -> torch.Tensor:
+    """Mean of the patch features inside each grid cell: (B, P, D) -> (B, grid^2, D)."""
+    b, p, d = features.shape
+    side = math.isqrt(p)
+    per = side // grid
+    x = features.reshape(b, grid, per, grid, per, d)
+    return x.mean(dim=(2, 4)).reshape(b, grid * grid, d)
+
+
+class CellHeads(nn.Module):
+    """Linear category and colour classifiers over pooled cell features."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.category = nn.Linear(dim, len(CATEGORY_NAMES) + 1)
+        self.colour = nn.Linear(dim, len(COLOUR_NAMES) + 1)
+
+    def forward(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.category(cells), self.colour(cells)
+
+
+def patch_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """The vision features the VLM reads (its configured layer, CLS dropped): (B, P, D)."""
+    config = model.config
+    out = model.model.vision_tower(pixel_values=pixels, output_hidden_states=True)
+    hidden = out.hidden_states[config.vision_feature_layer]
+    drop_cls = config.vision_feature_select_strategy == "default"
+    return hidden[:, 1:] if drop_cls else hidden
+
+
+def warm_up_vision(model: nn.Module, pixels: torch.Tensor, cats: torch.Tensor,
+                   cols: torch.Tensor, grid: int, *, steps: int, batch_size: int, lr: float,
+                   gen: torch.Generator, on_step=None) -> list[dict[str, float]]:
+    """Train the vision tower with the cell heads; returns per-step loss and accuracy."""
+    tower = model.model.vision_tower
+    heads = CellHeads(tower.config.hidden_size)
+    optim = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=lr)
+    log: list[dict[str, float]] = []
+    for step in range(1, steps + 1):
+        idx = torch.randint(len(pixels), (batch_size,), generator=gen)
+        cat_logits, col_logits = heads(pool_cells(patch_features(model, pixels[idx]), grid))
+        loss = (cross_entropy(cat_logits.flatten(0, 1), cats[idx].flatten())
+                + cross_entropy(col_logits.flatten(0, 1), cols[idx].flatten()))
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        accuracy = (cat_logits.argmax(-1) == cats[idx]).float().mean()
+        row = {"vision_step": step, "vision_loss": float(loss), "cell_accuracy": float(accuracy)}
+        log.append(row)
+        if on_step:
+            on_step(row)
+    return log
