@@ -18,8 +18,8 @@ world_app = typer.Typer(help="The synthetic image-text world.", no_args_is_help=
 data_app = typer.Typer(help="Preference data files.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
 app.add_typer(data_app, name="data")
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value settings, e.g. steps=200")]
 
@@ -68,7 +68,10 @@ def data_validate(
         raise fail(str(exc)) from exc
     info = {"path": str(summary.path), "records": summary.n_records, "images": summary.n_images,
             "users": summary.n_users, "error_kinds": summary.error_kinds}
-    console.print(json.dumps(info) if as_json else f"ok: {info}", highlight=False)
+    if as_json:
+        print(json.dumps(info))
+    else:
+        console.print(f"ok: {info}", highlight=False)
 
 
 @app.command()

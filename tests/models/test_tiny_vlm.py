@@ -95,5 +95,5 @@ def test_pad_batch_puts_labels_on_response_only() -> None:
 
 
 def test_load_vlm_names_a_bad_folder(tmp_path: Path) -> None:
-    with pytest.raises(ModelFolderError, match="no config.json"):
+    with pytest.raises(ModelFolderError, match=r"no config\.json"):
         load_vlm(tmp_path)

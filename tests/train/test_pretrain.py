@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TINY_PRETRAIN_KW
 from dpalign.models.load import load_vlm
 from dpalign.train.pretrain import PretrainConfig, pretrain
 
@@ -32,7 +33,7 @@ def test_pretrained_folder_loads_with_auto_classes(tiny_model: Path) -> None:
 
 def test_rerun_with_same_config_is_cached_and_other_config_refused(
         tiny_model: Path, small_world: Path) -> None:
-    cfg = PretrainConfig(steps=40, batch_size=16, warmup_steps=5, log_every=1)
+    cfg = PretrainConfig(**TINY_PRETRAIN_KW)
     before = (tiny_model / "model.safetensors").stat().st_mtime_ns
     result = pretrain(small_world, tiny_model, cfg)
     assert not result.built

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMALL_WORLD
 
+from conftest import SMALL_WORLD
 from dpalign.data.records import read_preference_jsonl
 from dpalign.eval.chair import SynonymMap, extract_objects
 from dpalign.world.build import WorldExistsError, build_world

@@ -38,8 +38,8 @@ class PretrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     preset: str = "tiny"
-    steps: int = Field(1500, ge=1)
-    batch_size: int = Field(64, ge=1)
+    steps: int = Field(2400, ge=1)
+    batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.01, ge=0)

@@ -82,7 +82,8 @@ def warm_up_vision(model: nn.Module, pixels: torch.Tensor, cats: torch.Tensor,
         optim.step()
         optim.zero_grad(set_to_none=True)
         accuracy = (cat_logits.argmax(-1) == cats[idx]).float().mean()
-        row = {"vision_step": step, "vision_loss": float(loss), "cell_accuracy": float(accuracy)}
+        row = {"vision_step": step, "vision_loss": float(loss.detach()),
+               "cell_accuracy": float(accuracy)}
         log.append(row)
         if on_step:
             on_step(row)

@@ -15,7 +15,7 @@ import numpy as np
 
 from dpalign.world import text
 from dpalign.world.config import WorldConfig
-from dpalign.world.render import PlacedObject, Scene
+from dpalign.world.render import Scene
 from dpalign.world.scenes import absent_partners, sample_scene
 from dpalign.world.vocab import CATEGORY_NAMES, COLOUR_NAMES, strength_of
 
@@ -56,25 +56,27 @@ def _biased_partner(rng: np.random.Generator, cfg: WorldConfig, scene: Scene) ->
 
 
 def pretrain_rows(rng: np.random.Generator, cfg: WorldConfig, stem: str, scene: Scene) -> list[Row]:
-    """Five supervised examples for one image: a biased caption, three existence questions
-    (present -> yes; random absent -> no; absent partner -> biased) and a colour question."""
+    """Supervised examples for one image: a biased caption, existence questions (present ->
+    yes; random absent -> no; absent partner -> biased) and a colour question."""
     rate = cfg.synonym_rate
     mentions = text.scene_mentions(rng, scene, rate)
     hallucinated = _biased_partner(rng, cfg, scene)
     if hallucinated is not None:
         mentions.append(text.mention(_pick(rng, list(COLOUR_NAMES)),
                                      text.noun(rng, hallucinated, rate)))
-    obj: PlacedObject = scene.objects[int(rng.integers(len(scene.objects)))]
-    present_word = text.noun(rng, obj.category, rate)
     absent = [c for c in CATEGORY_NAMES if c not in scene.categories]
-    random_word = text.noun(rng, _pick(rng, absent), rate)
-    # (task, prompt, response, hallucinated): the last flag marks biased annotations.
+    # Existence questions, balanced: up to two present objects (yes), two random absent
+    # objects (no), then one absent partner answered by the biased annotator.
+    asked = [scene.objects[int(j)] for j in rng.permutation(len(scene.objects))[:2]]
     qa: list[tuple[str, str, str, bool]] = [
-        ("caption", text.CAPTION_PROMPT, text.join_caption(mentions), hallucinated is not None),
-        ("existence", text.existence_question(present_word),
-         text.yes_answer(obj.colour, present_word), False),
-        ("existence", text.existence_question(random_word), text.no_answer(random_word), False),
-    ]
+        ("caption", text.CAPTION_PROMPT, text.join_caption(mentions), hallucinated is not None)]
+    for obj in asked:
+        word = text.noun(rng, obj.category, rate)
+        qa.append(("existence", text.existence_question(word), text.yes_answer(obj.colour, word),
+                   False))
+    for j in rng.permutation(len(absent))[:2]:
+        word = text.noun(rng, absent[int(j)], rate)
+        qa.append(("existence", text.existence_question(word), text.no_answer(word), False))
     partners = absent_partners(scene.categories)
     if partners:
         partner = _pick(rng, partners)
