@@ -35,7 +35,7 @@ class TinyVLMConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     image_size: int = Field(64, ge=16)
-    patch_size: int = Field(16, ge=2)
+    patch_size: int = Field(32, ge=2)
     vision_hidden: int = 96
     vision_layers: int = 2
     vision_heads: int = 4

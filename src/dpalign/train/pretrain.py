@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +20,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import get_cosine_schedule_with_warmup
 
-from dpalign.io import atomic_write_json, atomic_write_text
+from dpalign.io import atomic_directory, atomic_write_json, atomic_write_text
 from dpalign.models.encode import PromptEncoder, pad_batch, pixel_values, response_ids
 from dpalign.models.presets import PRESETS
 from dpalign.progress import make_progress
@@ -191,9 +189,7 @@ def pretrain(world_dir: str | Path, out: str | Path, cfg: PretrainConfig, *,
     wall = time.perf_counter() - start
     model.eval()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         atomic_write_text(staging / "metrics.jsonl",
@@ -206,10 +202,4 @@ def pretrain(world_dir: str | Path, out: str | Path, cfg: PretrainConfig, *,
             "vision_cell_accuracy": (sum(r["cell_accuracy"] for r in vision_log[-20:])
                                      / max(1, len(vision_log[-20:]))),
         })
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return PretrainResult(out, True, log[0]["loss"], log[-1]["loss_ema"], wall)

@@ -19,15 +19,13 @@ build leaves nothing half-written at ``OUT``.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from dpalign import __version__
-from dpalign.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from dpalign.io import atomic_directory, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from dpalign.progress import progress
 from dpalign.world import splits
 from dpalign.world.config import WorldConfig
@@ -147,14 +145,6 @@ def build_world(out: str | Path, cfg: WorldConfig, *, force: bool = False) -> tu
         if any(out.iterdir()):
             raise WorldExistsError(f"{out}: exists and is not a dpalign world; "
                                    "choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         write_world(staging, cfg)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out, True
