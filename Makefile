@@ -22,12 +22,12 @@ demo: setup
 	$(BIN)/dpalign eval --model $(WORK)/base-tiny --world $(WORK)/world --out $(WORK)/base-tiny/eval.json
 
 test: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
