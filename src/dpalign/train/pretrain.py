@@ -20,7 +20,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import get_cosine_schedule_with_warmup
 
-from dpalign.io import atomic_directory, atomic_write_json, atomic_write_text
+from dpalign.io import atomic_directory, atomic_write_json, atomic_write_jsonl
 from dpalign.models.encode import PromptEncoder, pad_batch, pixel_values, response_ids
 from dpalign.models.presets import PRESETS
 from dpalign.progress import make_progress
@@ -192,8 +192,7 @@ def pretrain(world_dir: str | Path, out: str | Path, cfg: PretrainConfig, *,
     with atomic_directory(out) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        atomic_write_text(staging / "metrics.jsonl",
-                          "".join(json.dumps(r) + "\n" for r in log))
+        atomic_write_jsonl(staging / "metrics.jsonl", log)
         atomic_write_json(staging / "pretrain.json", {
             **fingerprint, "first_loss": log[0]["loss"], "last_loss": log[-1]["loss_ema"],
             "wall_seconds": round(wall, 2), "steps": cfg.steps,

@@ -24,7 +24,7 @@ EMPTY = 0  # class 0 = empty cell; categories and colours are numbered from 1
 
 def cell_labels(annotations: list[dict], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image and cell: category index and colour index (0 = empty), each (N, grid^2)."""
-    cats = torch.zeros((len(annotations), grid * grid), dtype=torch.long)
+    cats = torch.full((len(annotations), grid * grid), EMPTY, dtype=torch.long)
     cols = torch.zeros_like(cats)
     cat_index = {c: i + 1 for i, c in enumerate(CATEGORY_NAMES)}
     col_index = {c: i + 1 for i, c in enumerate(COLOUR_NAMES)}
