@@ -97,7 +97,10 @@ def test_noise_is_added_to_the_sum_before_dividing() -> None:
     grads = _grads(3)
     gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     out = noisy_mean(grads, 1.0, 2.0, 5.0, gen_a)
-    noise = {k: torch.randn(g.shape[1:], generator=gen_b) * 2.0 for k, g in grads.items()}
+    # One vector over all parameters, in key order, then cut back into the parameters.
+    flat = torch.randn(sum(g[0].numel() for g in grads.values()), generator=gen_b) * 2.0
+    pieces = flat.split([g[0].numel() for g in grads.values()])
+    noise = {k: p.view(g.shape[1:]) for (k, g), p in zip(grads.items(), pieces, strict=True)}
     for k in grads:
         assert torch.allclose(out[k], (grads[k].sum(0) + noise[k]) / 5.0, atol=1e-6)
 

@@ -18,7 +18,7 @@ from dpalign.models.lora import prepare_trainable
 from dpalign.privacy.dp_sgd import group_by_unit
 from dpalign.privacy.per_pair import (
     ENGINES,
-    LinearRowGrads,
+    LinearPairGrads,
     per_pair_grads,
     select_pair,
 )
@@ -257,21 +257,28 @@ class _Twice(nn.Module):
         return (h.sum(1) * per_row).pow(2).sum(1)  # (R,)
 
 
-def test_row_grads_with_a_layer_called_twice_and_image_rows() -> None:
+@pytest.mark.parametrize("pair_of_row", [[0, 1, 2, 3], [0, 1, 0, 1], [1, 0, 1, 1]])
+def test_pair_grads_with_a_layer_called_twice_and_image_rows(pair_of_row: list[int]) -> None:
     """Each call's gradient is paired with its own input; image activations go to their
-    rows (rows 0 and 2 have two images, row 1 one, row 3 none)."""
+    rows' pairs (rows 0 and 2 have two images, row 1 one, row 3 none); rows laid out in
+    blocks of B ([0, 1, 0, 1]) and in any other order ([1, 0, 1, 1]) give the same sums."""
     torch.manual_seed(0)
     net = _Twice()
     x, images = torch.randn(4, 5, 3, dtype=torch.float64), torch.randn(5, 2, 3,
                                                                         dtype=torch.float64)
     image_row = torch.tensor([0, 0, 1, 2, 2])
+    pairs = torch.tensor(pair_of_row)
+    n_pairs = int(pairs.max()) + 1
     params = dict(net.named_parameters())
     owners = {n: (getattr(net, n.split(".")[0]), n.split(".")[1]) for n in params}
-    with LinearRowGrads(owners, 4, image_row) as rec:
+    with LinearPairGrads(owners, n_pairs, pairs, pairs[image_row]) as rec:
         net(x, images, image_row).sum().backward()
-    for r in range(4):
-        mine = image_row == r
-        loss = net(x[r:r + 1], images[mine], torch.zeros(int(mine.sum()), dtype=torch.long))
-        expected = torch.autograd.grad(loss.sum(), list(params.values()))
+    for i in range(n_pairs):
+        expected = [torch.zeros_like(p) for p in params.values()]
+        for r in (pairs == i).nonzero().flatten().tolist():
+            mine = image_row == r
+            loss = net(x[r:r + 1], images[mine], torch.zeros(int(mine.sum()), dtype=torch.long))
+            grads = torch.autograd.grad(loss.sum(), list(params.values()))
+            expected = [e + g for e, g in zip(expected, grads, strict=True)]
         for name, g in zip(params, expected, strict=True):
-            torch.testing.assert_close(rec.samples[name][r], g, atol=1e-12, rtol=0, msg=name)
+            torch.testing.assert_close(rec.samples[name][i], g, atol=1e-12, rtol=0, msg=name)

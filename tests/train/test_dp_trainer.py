@@ -57,8 +57,8 @@ def _perturb(run: Session) -> None:
 def _dp_step(run: Session, step: int = 1) -> dict[str, Any]:
     """``dp_update`` exactly as ``Session._private_grads`` calls it, on a fresh ledger."""
     state = initial_state()
-    assert run.plan is not None
-    row = dp_update(run.model, run.pairs, run.ref, run.units, run.objective, run.plan,
+    assert run.plan is not None and run.engine is not None
+    row = dp_update(run.engine, run.pairs, run.ref, run.units, run.objective, run.plan,
                     run.cfg.privacy, step=step, seed=run.cfg.train.seed, pad_id=run.pad_id,
                     state=state)
     assert Ledger.from_json(state["ledger"]).steps == 1

@@ -28,11 +28,23 @@ def _units(grads: Grads) -> int:
     return counts.pop()
 
 
+def flatten_units(per_unit_grads: Grads) -> Tensor:
+    """``{name: (U, *shape)}`` -> one (U, P) tensor, parameters in key order (a copy)."""
+    _units(per_unit_grads)
+    return torch.cat([g.detach().flatten(1) for g in per_unit_grads.values()], dim=1)
+
+
+def unflatten_units(flat: Tensor, like: Grads) -> dict[str, Tensor]:
+    """(U, P) -> ``{name: (U, *shape)}`` views, shapes and key order taken from ``like``."""
+    sizes = [g.shape[1:].numel() for g in like.values()]
+    parts = flat.split(sizes, dim=1)
+    return {name: part.view(flat.shape[0], *g.shape[1:])
+            for (name, g), part in zip(like.items(), parts, strict=True)}
+
+
 def per_unit_norms(per_unit_grads: Grads) -> Tensor:
     """L2 norm of each unit's whole gradient (all tensors together), shape (U,), float32."""
-    _units(per_unit_grads)
-    squares = [g.detach().flatten(1).float().pow(2).sum(dim=1) for g in per_unit_grads.values()]
-    return torch.stack(squares).sum(dim=0).sqrt()
+    return flatten_units(per_unit_grads).float().norm(dim=1)
 
 
 def clip_per_unit(per_unit_grads: Grads, max_norm: float) -> tuple[dict[str, Tensor], Tensor]:
@@ -45,11 +57,10 @@ def clip_per_unit(per_unit_grads: Grads, max_norm: float) -> tuple[dict[str, Ten
     """
     if not max_norm > 0:
         raise ValueError(f"max_norm (C) must be > 0, got {max_norm}")
-    norms = per_unit_norms(per_unit_grads)
+    flat = flatten_units(per_unit_grads)
+    norms = flat.float().norm(dim=1)
     factor = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
-    clipped = {name: g * factor.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
-               for name, g in per_unit_grads.items()}
-    return clipped, norms
+    return unflatten_units(flat * factor.to(flat.dtype)[:, None], per_unit_grads), norms
 
 
 def empty_units(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -64,7 +75,8 @@ def noisy_mean(clipped: Grads, sigma: float, max_norm: float, expected_batch: fl
     Args: ``clipped[name]`` of shape (U, *shape), U may be 0 (see ``empty_units``);
     ``expected_batch`` is q * n under Poisson sampling (fixed: the batch size otherwise).
     Returns ``{name: Tensor (*shape)}``. Noise is drawn in the order of ``clipped``'s keys
-    on the generator's device; sigma = 0 draws nothing.
+    on the generator's device, as one vector over all parameters in key order; sigma = 0
+    draws nothing.
     """
     _units(clipped)
     if not sigma >= 0:
@@ -73,17 +85,13 @@ def noisy_mean(clipped: Grads, sigma: float, max_norm: float, expected_batch: fl
         raise ValueError(f"expected batch must be > 0, got {expected_batch}")
     if sigma > 0 and math.isinf(max_norm):
         raise ValueError("noise with C = inf is infinite: clip to a finite max_norm")
-    std = sigma * max_norm
-    out = {}
-    for name, g in clipped.items():
-        total = g.sum(dim=0)
-        if sigma > 0:
-            dtype = torch.promote_types(total.dtype, torch.float32)
-            noise = torch.randn(total.shape, generator=generator, dtype=dtype,
-                                device=generator.device)
-            total = total + (std * noise).to(total.device, total.dtype)
-        out[name] = total / expected_batch
-    return out
+    total = flatten_units(clipped).sum(dim=0, keepdim=True)
+    if sigma > 0:
+        dtype = torch.promote_types(total.dtype, torch.float32)
+        noise = torch.randn(total.shape, generator=generator, dtype=dtype,
+                            device=generator.device)
+        total = total + (sigma * max_norm * noise).to(total.device, total.dtype)
+    return {name: g[0] for name, g in unflatten_units(total / expected_batch, clipped).items()}
 
 
 def group_by_unit(per_example_grads: Grads,
@@ -143,8 +151,7 @@ def noise_to_signal(clipped: Grads, sigma: float, max_norm: float,
     """
     if sigma == 0:
         return 0.0
-    signal = float(per_unit_norms({k: g.sum(dim=0, keepdim=True)
-                                   for k, g in clipped.items()})[0]) / expected_batch
+    signal = float(flatten_units(clipped).sum(dim=0).float().norm()) / expected_batch
     noise = sigma * max_norm / expected_batch
     return noise / signal if signal > 0 else math.inf
 

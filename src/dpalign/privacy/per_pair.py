@@ -7,9 +7,11 @@ Engines (chosen by name from ``ENGINES``):
 - ``"loop"``: each pair alone, one forward and backward per pair. Any model, any trainable
   parameter (full fine-tuning included); the reference the others are tested against.
 - ``"hooks"``: one forward and one backward of ``per_example.sum()`` for the whole batch.
-  Every ``nn.Linear`` owning a trainable weight/bias records per-ROW gradient samples
-  (g^T a per row, the Opacus idea); the rows of a pair are then summed. Only for parameters
-  that belong to ``nn.Linear`` modules (LoRA's ``lora_A``/``lora_B``, projections).
+  Every ``nn.Linear`` owning a trainable weight/bias contracts its output gradient with its
+  input over all rows and positions of one pair (g^T a; Opacus' idea, but summed per pair
+  in the same contraction instead of per row first). Only for parameters that belong to
+  ``nn.Linear`` modules (LoRA's ``lora_A``/``lora_B``, projections). The first batch checks
+  that the per-pair gradients sum to the batch gradient.
 
 A ``vmap`` engine through ``torch.func`` is not offered: transformers' LLaVA forward makes
 data-dependent checks (image-token counts) that ``vmap`` cannot trace.
@@ -18,8 +20,9 @@ data-dependent checks (image-token counts) that ``vmap`` cannot trace.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from types import TracebackType
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -31,8 +34,16 @@ from dpalign.train.step import Objective, pair_logps
 
 Params = Mapping[str, nn.Parameter]
 AlphaModel = float | Tensor | None
-Engine = Callable[[nn.Module, PairBatch, PairLogps, Objective, Params, Tensor | None,
-                   AlphaModel], tuple[dict[str, Tensor], LossOut]]
+
+
+class Engine(Protocol):
+    """Per-pair gradients of ``params`` for a batch: ``{name: (B, *shape)}`` and the loss."""
+
+    params: Params
+
+    def __call__(self, batch: PairBatch, ref: PairLogps, objective: Objective,
+                 hardness: Tensor | None, alpha_model: AlphaModel
+                 ) -> tuple[dict[str, Tensor], LossOut]: ...
 
 
 # --- rows of a pair --------------------------------------------------------------------------
@@ -82,23 +93,30 @@ def _zeros_if_none(grads: tuple[Tensor | None, ...], params: Params) -> dict[str
 
 # --- engine "loop" -------------------------------------------------------------------------
 
-def loop_grads(model: nn.Module, batch: PairBatch, ref: PairLogps, objective: Objective,
-               params: Params, hardness: Tensor | None,
-               alpha_model: AlphaModel) -> tuple[dict[str, Tensor], LossOut]:
-    """Per-pair gradients, one forward + backward per pair: ``{name: (B, *shape)}``."""
-    rows: list[dict[str, Tensor]] = []
-    outs: list[LossOut] = []
-    for i in range(batch.n_pairs):
-        out = objective(pair_logps(model, select_pair(batch, i)), ref.index(slice(i, i + 1)),
-                        hardness=None if hardness is None else hardness[i:i + 1],
-                        alpha_model=_slice_alpha(alpha_model, i))
-        grads = torch.autograd.grad(out.per_example.sum(), list(params.values()),
-                                    allow_unused=True)
-        rows.append(_zeros_if_none(grads, params))
-        outs.append(out)
-    per_pair = {name: torch.stack([r[name] for r in rows]) for name in params}
-    metrics = {k: torch.cat([o.metrics[k] for o in outs]) for k in outs[0].metrics}
-    return per_pair, LossOut(torch.cat([o.per_example.detach() for o in outs]), metrics)
+@dataclass(frozen=True)
+class LoopEngine:
+    """Per-pair gradients, one forward + backward per pair: any model, any parameter."""
+
+    model: nn.Module
+    params: Params
+
+    def __call__(self, batch: PairBatch, ref: PairLogps, objective: Objective,
+                 hardness: Tensor | None, alpha_model: AlphaModel
+                 ) -> tuple[dict[str, Tensor], LossOut]:
+        rows: list[dict[str, Tensor]] = []
+        outs: list[LossOut] = []
+        for i in range(batch.n_pairs):
+            out = objective(pair_logps(self.model, select_pair(batch, i)),
+                            ref.index(slice(i, i + 1)),
+                            hardness=None if hardness is None else hardness[i:i + 1],
+                            alpha_model=_slice_alpha(alpha_model, i))
+            grads = torch.autograd.grad(out.per_example.sum(), list(self.params.values()),
+                                        allow_unused=True)
+            rows.append(_zeros_if_none(grads, self.params))
+            outs.append(out)
+        per_pair = {name: torch.stack([r[name] for r in rows]) for name in self.params}
+        metrics = {k: torch.cat([o.metrics[k] for o in outs]) for k in outs[0].metrics}
+        return per_pair, LossOut(torch.cat([o.per_example.detach() for o in outs]), metrics)
 
 
 # --- engine "hooks" ------------------------------------------------------------------------
@@ -130,34 +148,44 @@ def linear_owners(model: nn.Module, params: Params) -> dict[str, tuple[nn.Linear
     return owners
 
 
-class LinearRowGrads:
-    """Context manager recording per-row gradients of ``nn.Linear`` weights and biases.
+class LinearPairGrads:
+    """Context manager recording per-PAIR gradients of ``nn.Linear`` weights and biases.
 
-    ``owners``: ``{name: (linear, attr)}``; ``n_rows``: R; ``rows_of_images``: (I,) the row
-    of each image, for layers that run on images (vision tower, projector) rather than rows.
-    A layer's input a: (N, *, in) and output gradient g: (N, *, out), N in {R, I}; each call
-    adds g^T a (weight, (out, in)) and g summed (bias, (out,)) to its row. The gradient hook
-    sits on each call's own output, so a layer called several times in one forward is
-    paired correctly. After the backward, ``samples`` holds ``{name: (R, *shape)}``.
+    ``owners``: ``{name: (linear, attr)}``; ``n_pairs``: B; ``pair_of_row``: (R,) the pair of
+    each model row; ``pair_of_image``: (I,) the pair of each image, for layers that run on
+    images (vision tower, projector) rather than rows. A layer's input a: (N, *, in) and
+    output gradient g: (N, *, out), N in {R, I}; each call adds sum over the N of one pair
+    of g^T a (weight, (out, in)) and of g summed (bias, (out,)) to that pair. The gradient
+    hook sits on each call's own output, so a layer called several times in one forward is
+    paired correctly. After the backward, ``samples`` holds ``{name: (B, *shape)}``.
+
+    Every recorded output becomes ``output + probe`` for a zero scalar leaf ``probe``, so a
+    backward to ``probe`` alone reaches every recorded output without computing any
+    parameter's batch gradient (the per-pair contractions replace it).
+
+    Rows laid out as k blocks of B (pair i's rows are i, B + i, ...: ``pair_rows``) take one
+    einsum over (k, B, L) per call, with no per-row intermediate.
     """
 
-    def __init__(self, owners: Mapping[str, tuple[nn.Linear, str]], n_rows: int,
-                 rows_of_images: Tensor) -> None:
-        self.n_rows = n_rows
-        self.index = {n_rows: torch.arange(n_rows)}
-        n_images = len(rows_of_images)
-        if n_images != n_rows:
-            self.index[n_images] = rows_of_images
-        elif not torch.equal(rows_of_images, torch.arange(n_rows)):
+    def __init__(self, owners: Mapping[str, tuple[nn.Linear, str]], n_pairs: int,
+                 pair_of_row: Tensor, pair_of_image: Tensor) -> None:
+        self.n_pairs = n_pairs
+        n_rows, n_images = len(pair_of_row), len(pair_of_image)
+        if n_images == n_rows and not torch.equal(pair_of_image, pair_of_row):
             raise ValueError("as many images as rows but not one per row: cannot tell image "
                              "activations from row activations; use engine 'loop'")
+        blocked = (n_rows % n_pairs == 0
+                   and torch.equal(pair_of_row, torch.arange(n_rows) % n_pairs))
+        self.blocks = {n_rows: n_rows // n_pairs} if blocked else {}
+        self.index = {n_images: pair_of_image, n_rows: pair_of_row}
         self.modules: dict[nn.Linear, dict[str, str]] = {}
         for name, (module, attr) in owners.items():
             self.modules.setdefault(module, {})[attr] = name
         self.samples: dict[str, Tensor] = {}
+        self.probe = torch.zeros((), requires_grad=True)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def __enter__(self) -> LinearRowGrads:
+    def __enter__(self) -> LinearPairGrads:
         for module in self.modules:
             self._handles.append(module.register_forward_hook(self._on_forward))
         return self
@@ -168,29 +196,46 @@ class LinearRowGrads:
             handle.remove()
         self._handles.clear()
 
-    def _on_forward(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+    def _on_forward(self, module: nn.Module, args: tuple[Tensor, ...],
+                    output: Tensor) -> Tensor | None:
+        """Adds ``probe`` (a zero scalar) to the output and hooks the sum's gradient."""
         if not output.requires_grad:  # a no-grad forward (e.g. the image-token count check)
-            return
+            return None
         if not args:
             raise ValueError(f"{type(module).__name__} called without a positional input")
         a = args[0].detach()
         names = self.modules[module]  # type: ignore[index]
-        output.register_hook(lambda g: self._accumulate(names, a, g))
+        probed = output + self.probe
+        probed.register_hook(lambda g: self._accumulate(names, a, g))
+        return probed
 
     def _accumulate(self, names: dict[str, str], a: Tensor, g: Tensor) -> None:
         n = a.shape[0]
         if n not in self.index:
             raise RuntimeError(f"a linear layer saw a leading dimension {n}, neither the "
-                               f"{self.n_rows} rows nor the images; use engine 'loop'")
-        rows = self.index[n].to(a.device)
-        a2, g2 = a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1])
-        parts = {"weight": lambda: torch.einsum("nlo,nli->noi", g2, a2),
-                 "bias": lambda: g2.sum(dim=1)}
+                               f"{len(self.index)} rows nor the images; use engine 'loop'")
         for attr, name in names.items():
-            value = parts[attr]()
-            if name not in self.samples:
-                self.samples[name] = value.new_zeros((self.n_rows, *value.shape[1:]))
-            self.samples[name].index_add_(0, rows, value)
+            value = (self._blocked(attr, a, g, self.blocks[n]) if n in self.blocks
+                     else self._indexed(attr, a, g, self.index[n].to(a.device)))
+            if name in self.samples:
+                self.samples[name].add_(value)
+            else:
+                self.samples[name] = value
+
+    def _blocked(self, attr: str, a: Tensor, g: Tensor, k: int) -> Tensor:
+        """(B, *shape) from rows in k blocks of B: one contraction over (k, L)."""
+        g4 = g.reshape(k, self.n_pairs, -1, g.shape[-1])
+        if attr == "bias":
+            return g4.sum(dim=(0, 2))
+        return torch.einsum("kblo,kbli->boi", g4, a.reshape(k, self.n_pairs, -1, a.shape[-1]))
+
+    def _indexed(self, attr: str, a: Tensor, g: Tensor, pair: Tensor) -> Tensor:
+        """(B, *shape) from N items each belonging to ``pair[n]``."""
+        n = a.shape[0]
+        g3 = g.reshape(n, -1, g.shape[-1])
+        each = (g3.sum(dim=1) if attr == "bias"
+                else torch.einsum("nlo,nli->noi", g3, a.reshape(n, -1, a.shape[-1])))
+        return each.new_zeros((self.n_pairs, *each.shape[1:])).index_add_(0, pair, each)
 
 
 def _check_sums(per_pair: Mapping[str, Tensor], batch_grads: Mapping[str, Tensor]) -> None:
@@ -206,26 +251,59 @@ def _check_sums(per_pair: Mapping[str, Tensor], batch_grads: Mapping[str, Tensor
                                "used outside nn.Linear.forward. Use engine 'loop'.")
 
 
-def hook_grads(model: nn.Module, batch: PairBatch, ref: PairLogps, objective: Objective,
-               params: Params, hardness: Tensor | None,
-               alpha_model: AlphaModel) -> tuple[dict[str, Tensor], LossOut]:
-    """Per-pair gradients from one forward and one backward: ``{name: (B, *shape)}``."""
-    owners = linear_owners(model, params)
-    with LinearRowGrads(owners, len(batch.images_per_row), image_rows(batch)) as recorder:
-        out = objective(pair_logps(model, batch), ref, hardness=hardness,
-                        alpha_model=alpha_model)
-        batch_grads = torch.autograd.grad(out.per_example.sum(), list(params.values()),
-                                          allow_unused=True)
-    per_row = {name: recorder.samples.get(name, p.new_zeros((recorder.n_rows, *p.shape)))
-               for name, p in params.items()}
-    per_pair = {name: sum_rows_per_pair(g, batch) for name, g in per_row.items()}
-    _check_sums(per_pair, _zeros_if_none(batch_grads, params))
-    return per_pair, LossOut(out.per_example.detach(), out.metrics)
+@dataclass(frozen=True)
+class HookEngine:
+    """Per-pair gradients from one forward and one backward of the whole batch; only for
+    parameters owned by ``nn.Linear`` (resolved once, when the engine is made).
+
+    The backward runs to the recorder's probe, not to the parameters, so no batch gradient
+    is computed; except on the engine's first batch, where the batch gradient is also taken
+    and the per-pair gradients must sum to it (``_check_sums``): a parameter also used
+    outside its layer's forward would otherwise be missed silently. ``checked`` records that
+    this was done (the engine's only state).
+    """
+
+    model: nn.Module
+    params: Params
+    owners: Mapping[str, tuple[nn.Linear, str]]
+    checked: list[bool] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, model: nn.Module, params: Params) -> HookEngine:
+        return cls(model, params, linear_owners(model, params))
+
+    def __call__(self, batch: PairBatch, ref: PairLogps, objective: Objective,
+                 hardness: Tensor | None, alpha_model: AlphaModel
+                 ) -> tuple[dict[str, Tensor], LossOut]:
+        b = batch.n_pairs
+        pair_of_row = torch.arange(len(batch.images_per_row)) % b
+        check = [] if self.checked else list(self.params.values())
+        with LinearPairGrads(self.owners, b, pair_of_row, image_rows(batch) % b) as recorder:
+            out = objective(pair_logps(self.model, batch), ref, hardness=hardness,
+                            alpha_model=alpha_model)
+            _, *batch_grads = torch.autograd.grad(out.per_example.sum(),
+                                                  [recorder.probe, *check], allow_unused=True)
+        per_pair = {name: recorder.samples.get(name, p.new_zeros((b, *p.shape)))
+                    for name, p in self.params.items()}
+        if check:
+            _check_sums(per_pair, _zeros_if_none(tuple(batch_grads), self.params))
+            self.checked.append(True)
+        return per_pair, LossOut(out.per_example.detach(), out.metrics)
 
 
 # --- public entry --------------------------------------------------------------------------
 
-ENGINES: dict[str, Engine] = {"loop": loop_grads, "hooks": hook_grads}
+ENGINES: dict[str, Callable[[nn.Module, Params], Engine]] = {
+    "loop": LoopEngine, "hooks": HookEngine.build}
+
+
+def make_engine(name: str, model: nn.Module, params: Params) -> Engine:
+    """The per-pair engine ``name`` for ``params`` of ``model`` (made once per run)."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown per-pair engine {name!r}; known: {', '.join(ENGINES)}")
+    if not params:
+        raise ValueError("no trainable parameters given")
+    return ENGINES[name](model, params)
 
 
 def per_pair_grads(model: nn.Module, batch: PairBatch, ref: PairLogps, objective: Objective,
@@ -237,12 +315,9 @@ def per_pair_grads(model: nn.Module, batch: PairBatch, ref: PairLogps, objective
     ``params`` the trainable parameters by name; ``hardness`` (B,) and ``alpha_model`` as
     ``Objective`` takes them. Returns ``{name: Tensor (B, *param.shape)}`` (row i is
     d loss_i / d param) and the batch's ``LossOut`` (per_example detached). Parameters'
-    ``.grad`` are not touched.
+    ``.grad`` are not touched. A training loop makes the engine once (``make_engine``).
     """
-    if engine not in ENGINES:
-        raise ValueError(f"unknown per-pair engine {engine!r}; known: {', '.join(ENGINES)}")
-    if not params:
-        raise ValueError("no trainable parameters given")
+    run = make_engine(engine, model, params)
     if batch.n_pairs == 0:
         raise ValueError("empty batch: its per-pair gradients are dp_sgd.empty_units(params)")
-    return ENGINES[engine](model, batch, ref, objective, params, hardness, alpha_model)
+    return run(batch, ref, objective, hardness, alpha_model)

@@ -41,7 +41,7 @@ from dpalign.privacy.dp_sgd import (
     noisy_mean,
     step_diagnostics,
 )
-from dpalign.privacy.per_pair import per_pair_grads
+from dpalign.privacy.per_pair import Engine
 from dpalign.privacy.sampling import poisson_batch, shuffled_batch
 from dpalign.train.config import PrivacyConfig
 from dpalign.train.step import Objective
@@ -114,7 +114,7 @@ def _step_seed(noise_seed: int, step: int) -> int:
     return int(np.random.SeedSequence([noise_seed, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def dp_update(model: torch.nn.Module, pairs: Sequence[EncodedPair], ref: PairLogps,
+def dp_update(engine: Engine, pairs: Sequence[EncodedPair], ref: PairLogps,
               units: list[list[int]], objective: Objective, plan: PrivacyPlan,
               cfg: PrivacyConfig, *, step: int, seed: int, pad_id: int,
               state: dict[str, Any]) -> dict[str, Any]:
@@ -127,16 +127,14 @@ def dp_update(model: torch.nn.Module, pairs: Sequence[EncodedPair], ref: PairLog
     mine = sampled[rank::world]  # data parallel: each rank takes its share of the units
     idx = [i for u in mine for i in units[u]]
     owner = [u for u in mine for _ in units[u]]
-    named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    named = engine.params
     metrics: dict[str, Any] = {"loss": None}
     if idx:
         batch = collate([pairs[i] for i in idx], pad_id,
                         with_corrupt=objective.spec.needs_corrupt)
         # DAMA's model-aware factor mixes pairs of one batch; under DP it is held at 1.
-        grads, out = per_pair_grads(
-            model, batch, ref.index(torch.tensor(idx)), objective, params=named,
-            engine=cfg.engine, hardness=batch.hardness,
-            alpha_model=1.0 if objective.spec.needs_alpha_model else None)
+        grads, out = engine(batch, ref.index(torch.tensor(idx)), objective, batch.hardness,
+                            1.0 if objective.spec.needs_alpha_model else None)
         if cfg.unit == "user":
             grads, _ = group_by_unit(grads, owner)
         metrics = {"loss": float(out.per_example.mean()),

@@ -46,6 +46,7 @@ from dpalign.models.load import load_vlm
 from dpalign.models.lora import merged, prepare_trainable
 from dpalign.privacy.accounting import Ledger
 from dpalign.privacy.label_dp import flip_probability, randomized_response
+from dpalign.privacy.per_pair import Engine, make_engine
 from dpalign.progress import make_progress
 from dpalign.train.checkpoint import latest_checkpoint, restore, save_checkpoint
 from dpalign.train.config import TrainConfig
@@ -192,6 +193,7 @@ class Session:
     total: int
     units: list[list[int]]
     plan: PrivacyPlan | None
+    engine: Engine | None
 
     def step(self, step: int, state: dict[str, Any]) -> dict[str, Any]:
         """One optimizer update on batch ``step`` (1-based); updates ``state`` in place and
@@ -207,7 +209,7 @@ class Session:
     def _private_grads(self, step: int, state: dict[str, Any]) -> dict[str, Any]:
         """Set ``.grad`` to the DP noisy mean (``dp_update``); its metrics and epsilon."""
         cfg = self.cfg
-        row = dp_update(self.model, self.pairs, self.ref, self.units, self.objective,
+        row = dp_update(self.engine, self.pairs, self.ref, self.units, self.objective,  # type: ignore[arg-type]
                         self.plan, cfg.privacy, step=step, seed=cfg.train.seed,  # type: ignore[arg-type]
                         pad_id=self.pad_id, state=state)
         accounted = step % cfg.privacy.account_every == 0 or step == self.total
@@ -275,9 +277,12 @@ def prepare(cfg: TrainConfig, out: Path) -> Session:
     units = privacy_units(pairs, [r.user_id for r in records], cfg.privacy.unit)
     plan = (plan_privacy(cfg.privacy, len(units), cfg.train.batch_size, total)
             if cfg.privacy.enabled else None)
+    engine = (make_engine(cfg.privacy.engine, model,
+                          {k: p for k, p in model.named_parameters() if p.requires_grad})
+              if plan else None)
     return Session(cfg, model, processor, pairs, ref, objective, optimizer, schedule, params,
                    Evaluator(cfg, processor, held, held_ref, pad_id), pad_id, total, units,
-                   plan)
+                   plan, engine)
 
 
 def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
