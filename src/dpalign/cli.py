@@ -168,35 +168,95 @@ def _eval_table(report: dict) -> Table:
     return table
 
 
+def _published_tables(published: dict) -> list[Table]:
+    """A POPE table (one column per question file) and a CHAIR/AMBER table, when present."""
+    tables = []
+    pope = published.get("pope", {})
+    if pope:
+        table = Table(title=f"POPE on published files (images: {published['images']})")
+        for column in ("metric", *pope):
+            table.add_column(column, justify="right")
+        for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+            table.add_row(key, *(f"{result[key]:.3f}" for result in pope.values()))
+        table.add_row("questions", *(str(result["n"]) for result in pope.values()))
+        tables.append(table)
+    if "chair" in published:
+        chair = published["chair"]
+        table = Table(title=f"Captions of {chair['n_captions']} images: CHAIR and AMBER")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        rows = {f"CHAIR {k}": chair[k] for k in ("chair_s", "chair_i", "recall")}
+        rows |= {f"AMBER {k}": v for k, v in chair["amber"].items() if isinstance(v, float)}
+        for name, value in rows.items():
+            table.add_row(name, f"{value:.3f}")
+        tables.append(table)
+    return tables
+
+
+def _eval_tables(report: dict) -> list[Table]:
+    """The world's table (when a world was evaluated) and the published files' tables."""
+    world = [_eval_table(report)] if "world" in report else []
+    return world + _published_tables(report.get("published", {}))
+
+
+_BULKY_KEYS = frozenset({"captions", "answers"})
+
+
+def _eval_summary(value: object) -> object:
+    """The report without per-caption and per-question lists (the ``--json`` last line)."""
+    if isinstance(value, dict):
+        return {k: _eval_summary(v) for k, v in value.items() if k not in _BULKY_KEYS}
+    return value
+
+
 @app.command("eval")
 def evaluate(
     model: Annotated[Path, typer.Option(help="Model folder (save_pretrained layout).")],
-    world: Annotated[Path, typer.Option(help="World folder.")],
+    world: Annotated[Path | None, typer.Option(help="World folder.")] = None,
+    pope_file: Annotated[list[Path] | None, typer.Option(
+        metavar="FILE",
+        help="Published POPE question file (repeatable); its images are in --images.")] = None,
+    coco_instances: Annotated[Path | None, typer.Option(
+        help="COCO instances JSON: caption its images, score CHAIR and AMBER.")] = None,
+    images: Annotated[Path | None, typer.Option(
+        help="Folder holding the images the published files name.")] = None,
+    synonyms: Annotated[Path | None, typer.Option(
+        help="CHAIR synonym list (default: shared/reference/chair/synonyms.txt).")] = None,
+    caption_prompt: Annotated[str | None, typer.Option(
+        help="Prompt for the --coco-instances captions (default: AMBER's).")] = None,
     out: Annotated[Path | None, typer.Option(help="JSON file (default MODEL/eval.json).")] = None,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 64,
     limit: Annotated[int | None, typer.Option(help="At most N images per part.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Last line: the JSON result.")] = False,
 ) -> None:
-    """POPE (random/popular/adversarial), CHAIR and object recall of a model on a world."""
+    """POPE, CHAIR and object recall of a model on a world and/or on published files."""
+    from dpalign.eval.published import plan_published, run_published
     from dpalign.eval.world_eval import EvalSettings, evaluate_world
     from dpalign.io import atomic_write_json
-    from dpalign.models.load import ModelFolderError, load_vlm
-    from dpalign.world.load import NotAWorldError, World
+    from dpalign.models.load import load_vlm
+    from dpalign.world.load import World
 
-    try:
-        the_world = World.load(world)
+    if world is None and not pope_file and coco_instances is None:
+        raise fail("nothing to evaluate: give --world DIR, or --pope-file FILE and/or "
+                   "--coco-instances FILE with --images DIR")
+    try:  # every input is read and checked before the model loads
+        the_world = None if world is None else World.load(world)
+        plan = plan_published(images, pope_file or [], coco_instances, synonyms, limit=limit,
+                              prompt=caption_prompt)
         vlm = load_vlm(model)
-    except (NotAWorldError, ModelFolderError) as exc:
+    except (OSError, ValueError) as exc:
         raise fail(str(exc)) from exc
-    report = evaluate_world(vlm.model, vlm.processor, the_world,
-                            EvalSettings(batch_size=batch_size, limit=limit))
+    report = {} if the_world is None else evaluate_world(
+        vlm.model, vlm.processor, the_world, EvalSettings(batch_size=batch_size, limit=limit))
+    if plan is not None:
+        report["published"] = run_published(vlm.model, vlm.processor, plan, batch_size=batch_size)
     report["model"] = str(model.resolve())
     path = atomic_write_json(out or model / "eval.json", report)
-    console.print(_eval_table(report))
+    for table in _eval_tables(report):
+        console.print(table)
     console.print(f"written: {path}")
     if as_json:
-        summary = {k: v for k, v in report.items() if k != "captions"}
-        print(json.dumps(summary))
+        print(json.dumps(_eval_summary(report)))
 
 
 Accountant = Annotated[str, typer.Option(help="Privacy accountant: pld (tight) or rdp.")]
