@@ -317,6 +317,47 @@ def calibrate_command(
         print(json.dumps(info))
 
 
+@app.command()
+def study(
+    out: Annotated[Path, typer.Option(help="Study directory (runs/, runs.parquet, ...).")],
+    preset: Annotated[str | None, typer.Option(help="Packaged study: quickstart | full.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Study YAML (instead of --preset).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Runs at once (default: study's).")] = None,
+    backend: Annotated[str, typer.Option(help="local (process pool) | ray.")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (ray backend).")] = None,
+    as_json: JsonLine = False,
+    overrides: Overrides = None,
+) -> None:
+    """Run a grid of alignment runs (mechanism x epsilon x K x seed x loss x lr); resumable."""
+    from dpalign.config import ConfigError
+    from dpalign.study import load_study, preset_path, run_study
+    from dpalign.study.store import summary_rows
+    from dpalign.world.load import NotAWorldError
+
+    if (preset is None) == (config is None):
+        raise fail("give exactly one of --preset NAME or --config FILE")
+    try:
+        cfg = load_study(config or preset_path(preset), overrides)  # type: ignore[arg-type]
+        result = run_study(cfg, out, backend=backend, workers=workers, address=address)
+    except (ConfigError, NotAWorldError, ValueError, ImportError) as exc:
+        raise fail(str(exc)) from exc
+    headings, rows = summary_rows(result.points)
+    table = Table(title=f"study {cfg.name}: {len(result.runs)} runs ({result.skipped} already "
+                        f"done), mean over seeds")
+    for heading in headings:
+        table.add_column(heading, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    failed = result.runs[result.runs["status"] == "failed"]
+    for _, run in failed.iterrows():
+        console.print(f"[red]failed[/red] {run['run']}: {run['error']}")
+    console.print(f"results: {out / 'runs.parquet'}  {out / 'points.parquet'}")
+    if as_json:
+        print(json.dumps({"out": str(out), "runs": len(result.runs), "failed": len(failed),
+                          "points": json.loads(result.points.to_json(orient="records"))}))
+
+
 def main() -> None:
     app()
 

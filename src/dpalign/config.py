@@ -40,6 +40,14 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return tree
 
 
+def nest_dotted(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1, "c": 2}`` -> ``{"a": {"b": 1}, "c": 2}`` (values kept as they are)."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        _set_dotted(tree, key, value)
+    return tree
+
+
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():

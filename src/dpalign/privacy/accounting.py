@@ -26,10 +26,12 @@ A ledger mixing both kinds is refused: the two relations cannot be composed in o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -258,6 +260,18 @@ def _sigma_bracket(gap: Callable[[float], float], guess: float) -> tuple[float, 
     return lo, hi
 
 
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """Silence absl's WARNINGs (dp_accounting's RDP convergence notes) for a while."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def calibrate_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str = "pld", *, sampling: Sampling = "poisson",
                     n: int | None = None) -> float:
@@ -283,11 +297,12 @@ def calibrate_sigma(target_epsilon: float, delta: float, sample_rate: float, ste
     def gap(sigma: float, name: str) -> float:
         return account(ledger_for(sigma), delta, name).epsilon - target_epsilon
 
-    rdp_lo, rdp_hi = _sigma_bracket(lambda s: gap(s, "rdp"), guess=1.0)
-    rdp_sigma = dp_accounting.calibrate_dp_mechanism(
-        lambda: ACCOUNTANTS["rdp"](relation), lambda s: to_dp_event(ledger_for(s)),
-        target_epsilon, delta, dp_accounting.ExplicitBracketInterval(rdp_lo, rdp_hi),
-        tol=CALIBRATION_TOL)
+    with _quiet_absl():  # RDP at small sigma warns per dropped order; the bracket is all we need
+        rdp_lo, rdp_hi = _sigma_bracket(lambda s: gap(s, "rdp"), guess=1.0)
+        rdp_sigma = dp_accounting.calibrate_dp_mechanism(
+            lambda: ACCOUNTANTS["rdp"](relation), lambda s: to_dp_event(ledger_for(s)),
+            target_epsilon, delta, dp_accounting.ExplicitBracketInterval(rdp_lo, rdp_hi),
+            tol=CALIBRATION_TOL)
     if used == "rdp":
         return float(rdp_sigma)
     lo, hi = _sigma_bracket(lambda s: gap(s, used), guess=rdp_sigma)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from dpalign.data.collate import PairBatch
 from dpalign.losses.base import LossOut, PairLogps
 from dpalign.models.encode import TokenBatch
-from dpalign.train.step import Objective, pair_logps
+from dpalign.train.step import Objective, pair_logps, with_policy_metrics
 
 Params = Mapping[str, nn.Parameter]
 AlphaModel = float | Tensor | None
@@ -106,10 +106,11 @@ class LoopEngine:
         rows: list[dict[str, Tensor]] = []
         outs: list[LossOut] = []
         for i in range(batch.n_pairs):
-            out = objective(pair_logps(self.model, select_pair(batch, i)),
-                            ref.index(slice(i, i + 1)),
-                            hardness=None if hardness is None else hardness[i:i + 1],
-                            alpha_model=_slice_alpha(alpha_model, i))
+            policy, pair_ref = pair_logps(self.model, select_pair(batch, i)), ref.index(
+                slice(i, i + 1))
+            out = with_policy_metrics(objective(
+                policy, pair_ref, hardness=None if hardness is None else hardness[i:i + 1],
+                alpha_model=_slice_alpha(alpha_model, i)), policy, pair_ref)
             grads = torch.autograd.grad(out.per_example.sum(), list(self.params.values()),
                                         allow_unused=True)
             rows.append(_zeros_if_none(grads, self.params))
@@ -279,8 +280,9 @@ class HookEngine:
         pair_of_row = torch.arange(len(batch.images_per_row)) % b
         check = [] if self.checked else list(self.params.values())
         with LinearPairGrads(self.owners, b, pair_of_row, image_rows(batch) % b) as recorder:
-            out = objective(pair_logps(self.model, batch), ref, hardness=hardness,
-                            alpha_model=alpha_model)
+            policy = pair_logps(self.model, batch)
+            out = with_policy_metrics(objective(policy, ref, hardness=hardness,
+                                                alpha_model=alpha_model), policy, ref)
             _, *batch_grads = torch.autograd.grad(out.per_example.sum(),
                                                   [recorder.probe, *check], allow_unused=True)
         per_pair = {name: recorder.samples.get(name, p.new_zeros((b, *p.shape)))

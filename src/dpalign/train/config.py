@@ -108,7 +108,9 @@ class LoopConfig(Section):
 class EvalConfig(Section):
     every: int | None = Field(None, ge=1, description="held-out evaluation every N steps")
     batch_size: int = Field(32, ge=1)
-    world: bool = Field(True, description="POPE and CHAIR when the run names a world")
+    world: bool | Literal["end"] = Field(
+        True, description="POPE and CHAIR when the run names a world: at every evaluation "
+                          "(true), never (false) or only at the last step (end)")
     limit: int | None = Field(100, ge=1, description="images per POPE/CHAIR part")
 
 

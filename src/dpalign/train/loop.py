@@ -125,14 +125,15 @@ class Evaluator:
         self.cfg, self.processor, self.held, self.held_ref = cfg, processor, held, held_ref
         self.pad_id = pad_id
 
-    def __call__(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
+    def __call__(self, model: torch.nn.Module, step: int, final: bool = True) -> dict[str, Any]:
         row: dict[str, Any] = {"step": step}
         if self.held and self.held_ref is not None:
             policy = compute_reference(model, self.held, self.pad_id, with_corrupt=False,
                                        batch_size=self.cfg.eval.batch_size)
             row |= {f"heldout_{k}": v for k, v in
                     preference_metrics(policy, self.held_ref, self.cfg.loss.beta).items()}
-        if self.cfg.world is not None and self.cfg.eval.world:
+        world = self.cfg.eval.world
+        if self.cfg.world is not None and (world is True or (world == "end" and final)):
             row |= _world_figures(model, self.processor, self.cfg)
         return row
 
@@ -309,7 +310,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
     history = _truncate(out / "metrics.jsonl", start)
     evaluations = _truncate(out / "eval.jsonl", start)
     if start == 0 and (cfg.eval.every or cfg.data.heldout) and not evaluations:
-        evaluations.append(run.evaluate(model, 0))
+        evaluations.append(run.evaluate(model, 0, final=total == 0))
         append_jsonl(out / "eval.jsonl", evaluations[-1])
 
     stopped = None
@@ -327,7 +328,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
             if on_step:
                 on_step(row)
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == total):
-                evaluations.append(run.evaluate(model, step))
+                evaluations.append(run.evaluate(model, step, final=step == total))
                 append_jsonl(out / "eval.jsonl", evaluations[-1])
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == total:
                 save_checkpoint(out / "checkpoints", step, model, run.optimizer, run.schedule,

@@ -63,6 +63,14 @@ def kl_proxy(policy: PairLogps, ref: PairLogps) -> Tensor:
     return 0.25 * (chosen.square() + rejected.square())
 
 
+def with_policy_metrics(out: LossOut, policy: PairLogps, ref: PairLogps) -> LossOut:
+    """``out`` plus per-pair (B,) ``logp_chosen``, ``logp_rejected`` and ``kl_proxy``
+    (detached), so a per-pair engine logs what ``step_metrics`` logs for a plain step."""
+    extra = {"logp_chosen": policy.chosen, "logp_rejected": policy.rejected,
+             "kl_proxy": kl_proxy(policy, ref)}
+    return LossOut(out.per_example, {**out.metrics, **{k: v.detach() for k, v in extra.items()}})
+
+
 def step_metrics(out: LossOut, policy: PairLogps, ref: PairLogps) -> dict[str, float]:
     """Batch means of the loss, the loss's diagnostics and the log-prob summaries."""
     with torch.no_grad():

@@ -1,0 +1,131 @@
+"""Running a study's runs: one run directory per grid run, in parallel, resumable.
+
+A run is *finished* when its directory holds ``result.json``; rerunning a study skips
+those, resumes runs that have a ``config.yaml`` (from their last checkpoint; the ledger is
+in it) and starts the rest afresh. A run that raises is recorded in its ``error.json`` (the
+message and traceback) and the others go on; the next invocation tries it again.
+
+Backends (``BACKENDS``): ``local``, a process pool (spawned workers, each with
+``cpu_count // workers`` torch threads), and ``ray`` (``ray.init()`` locally, or at
+``address``), one task per run. Either way a worker runs ``run_one``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from dpalign.io import atomic_write_json
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """What a worker needs: the run's name, its TrainConfig as JSON data, where to write."""
+
+    name: str
+    config: dict[str, Any]
+    run_dir: str
+    threads: int
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / "result.json").is_file()
+
+
+def run_one(task: RunTask) -> dict[str, Any]:
+    """Train one run (resuming it when it was interrupted) and diagnose it; never raises:
+    returns ``{"run", "status": "ok"|"failed", "error"}`` and writes ``error.json`` on
+    failure."""
+    os.environ["DPALIGN_NO_PROGRESS"] = "1"
+    run_dir = Path(task.run_dir)
+    try:
+        import torch
+
+        from dpalign.diagnostics import diagnose_run_dir
+        from dpalign.train.config import TrainConfig
+        from dpalign.train.loop import train
+
+        torch.set_num_threads(task.threads)
+        resume = (run_dir / "config.yaml").is_file()
+        if not resume and run_dir.exists():
+            shutil.rmtree(run_dir)
+        (run_dir / "error.json").unlink(missing_ok=True)
+        train(TrainConfig.model_validate(task.config), run_dir, resume=resume)
+        atomic_write_json(run_dir / "diagnostics.json", diagnose_run_dir(run_dir).as_dict())
+        return {"run": task.name, "status": "ok", "error": None}
+    except Exception as exc:  # one failed run must not stop the study
+        message = f"{type(exc).__name__}: {exc}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "error.json",
+                          {"error": message, "traceback": traceback.format_exc()})
+        return {"run": task.name, "status": "failed", "error": message}
+
+
+Backend = Callable[[Sequence[RunTask], int, "str | None"], Iterator[dict[str, Any]]]
+
+
+def local_backend(tasks: Sequence[RunTask], workers: int,
+                  address: str | None = None) -> Iterator[dict[str, Any]]:
+    """Results of ``run_one`` over a spawned process pool, as runs finish."""
+    if address is not None:
+        raise ValueError("--address is for the ray backend")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(run_one, task): task for task in tasks}
+        for future in as_completed(futures):
+            try:
+                yield future.result()
+            except Exception as exc:  # the worker process itself died (e.g. out of memory)
+                yield {"run": futures[future].name, "status": "failed",
+                       "error": f"worker died: {type(exc).__name__}: {exc}"}
+
+
+def ray_backend(tasks: Sequence[RunTask], workers: int,
+                address: str | None = None) -> Iterator[dict[str, Any]]:
+    """Results of ``run_one`` as Ray tasks (``ray.init(address)``; local when None), at most
+    ``workers`` at a time, each reserving its thread count in CPUs."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 num_cpus=None if address else max(workers, os.cpu_count() or 1))
+    try:
+        remote = ray.remote(run_one)
+        pending = list(tasks)
+        running: dict[Any, RunTask] = {}
+        while pending or running:
+            while pending and len(running) < workers:
+                task = pending.pop(0)
+                running[remote.options(num_cpus=task.threads).remote(task)] = task
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                task = running.pop(ref)
+                try:
+                    yield ray.get(ref)
+                except Exception as exc:  # the task's worker died
+                    yield {"run": task.name, "status": "failed",
+                           "error": f"ray task failed: {type(exc).__name__}: {exc}"}
+    finally:
+        if started:
+            ray.shutdown()
+
+
+BACKENDS: dict[str, Backend] = {"local": local_backend, "ray": ray_backend}
+
+
+def threads_per_run(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def failed_runs(runs_dir: Path) -> dict[str, str]:
+    """``{run: error}`` for every run directory holding an ``error.json``."""
+    return {p.parent.name: json.loads(p.read_text())["error"]
+            for p in sorted(runs_dir.glob("*/error.json"))}

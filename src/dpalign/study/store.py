@@ -1,0 +1,108 @@
+"""The study's results: ``runs.parquet`` (a row per run) and ``points.parquet`` (a row per
+grid point, aggregated over seeds), both rebuilt from the run directories alone.
+
+``runs.parquet`` columns: the grid's (``run, point, mechanism, epsilon_target, k, loss, lr,
+seed``), ``status`` (ok | failed | pending), ``error``, ``sigma`` (DP-SGD noise multiplier),
+``epsilon`` (spent: DP-SGD's accountant value; label-DP's label-level epsilon, a different
+guarantee; inf without noise), ``epsilon_kind`` (example | user | label | none),
+``wall_seconds`` and every diagnostic of ``dpalign.diagnostics.RunDiagnostics.as_dict``
+(``final_pope_adversarial_accuracy``, ``loss_volatility``, ...).
+
+``points.parquet``: the grid columns without ``run``/``seed``, ``n_runs``, ``n_failed``, and
+``dpalign.diagnostics.aggregate`` over the point's finished runs (``<x>_mean``, ``_std``,
+``_ci_low``, ``_ci_high``, ``_n``, ``divergence_rate``, ``converged_fraction``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dpalign.diagnostics import aggregate
+from dpalign.io import atomic_write_bytes
+from dpalign.study.grid import Point
+
+GRID_COLUMNS = ("point", "mechanism", "epsilon_target", "k", "loss", "lr")
+NOT_AGGREGATED = ("seed", "epsilon_target", "k", "lr", "diverged_step")
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _privacy_columns(result: dict[str, Any]) -> dict[str, Any]:
+    privacy = result.get("privacy") or {}
+    if "epsilon" in privacy:
+        return {"sigma": privacy["sigma"], "epsilon": privacy["epsilon"],
+                "epsilon_kind": privacy.get("unit", "example")}
+    if "label_epsilon" in privacy:
+        return {"sigma": math.nan, "epsilon": privacy["label_epsilon"], "epsilon_kind": "label"}
+    return {"sigma": math.nan, "epsilon": math.inf, "epsilon_kind": "none"}
+
+
+def run_row(point: Point, run_dir: Path) -> dict[str, Any]:
+    """One row of ``runs.parquet`` from a run directory (finished, failed or pending)."""
+    row: dict[str, Any] = {**point.columns(), "status": "pending", "error": None}
+    error, result = _json(run_dir / "error.json"), _json(run_dir / "result.json")
+    if error is not None:
+        return {**row, "status": "failed", "error": error["error"]}
+    if result is None:
+        return row
+    diagnostics = _json(run_dir / "diagnostics.json") or {}
+    return {**row, "status": "ok", **_privacy_columns(result),
+            "wall_seconds": result.get("wall_seconds"), "stopped": result.get("stopped"),
+            **{k: v for k, v in diagnostics.items() if k != "epsilon"}}
+
+
+def runs_table(points: Sequence[Point], runs_dir: Path) -> pd.DataFrame:
+    return pd.DataFrame([run_row(p, runs_dir / p.name) for p in points])
+
+
+def points_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Aggregate the finished runs of each grid point over seeds."""
+    rows = []
+    for _, group in runs.groupby("point", sort=False):
+        ok = group[group["status"] == "ok"]
+        numeric = [c for c in ok.columns if c not in NOT_AGGREGATED
+                   and (pd.api.types.is_numeric_dtype(ok[c]) or pd.api.types.is_bool_dtype(ok[c]))]
+        records = ok[numeric].to_dict("records")
+        stats = aggregate(records, keys=numeric) if records else {}
+        rows.append({**{c: group.iloc[0][c] for c in GRID_COLUMNS}, **stats,
+                     "n_runs": len(ok), "n_failed": int((group["status"] == "failed").sum())})
+    return pd.DataFrame(rows)
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> Path:
+    """Atomically write ``frame`` (pyarrow)."""
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+SUMMARY_COLUMNS = {  # points.parquet column -> summary heading
+    "n_runs": "runs", "divergence_rate": "diverged", "loss_volatility_mean": "volatility",
+    "converged_fraction": "converged", "steps_to_target_mean": "steps to 0.7",
+    "final_heldout_reward_accuracy_mean": "reward acc", "mean_noise_to_signal_mean": "noise/signal",
+    "final_pope_adversarial_accuracy_mean": "POPE adv", "final_chair_s_mean": "CHAIR_s",
+    "epsilon_mean": "eps spent",
+}
+
+
+def summary_rows(points: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Headings and formatted rows of the study summary (one row per grid point)."""
+    present = [c for c in SUMMARY_COLUMNS if c in points.columns]
+    headings = ["point", *(SUMMARY_COLUMNS[c] for c in present)]
+
+    def fmt(value: Any) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    return headings, [[str(r["point"]), *(fmt(r[c]) for c in present)]
+                      for _, r in points.iterrows()]
