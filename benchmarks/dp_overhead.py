@@ -18,7 +18,7 @@ engine as (b)) to 1e-5 (relative to the largest entry when above 1), so (b) and 
 same work.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/dp_overhead.py [--batch-size 8]
-        [--repeats 7] [--threads 1] [--only lora|full] [--json]
+        [--repeats 7] [--threads 1] [--only lora|full] [--model tiny|smollm2-135m|all] [--json]
 
 With ``--json`` the last line is ``{"lora": {"time_ratio", "memory_ratio",
 "opacus_time_ratio", ...}, "full": {...}}``; ratios are against (a).
@@ -40,7 +40,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("DPALIGN_NO_PROGRESS", "1")
 
-from common import add_common_args, session_config, session_times, start, timed
+from common import (
+    add_common_args,
+    fixtures,
+    session_config,
+    session_times,
+    smollm2_fixture,
+    start,
+    timed,
+)
 from opacus_peer import opacus_dp_step, opacus_per_pair, wrap
 
 from dpalign.data.collate import collate
@@ -143,20 +151,35 @@ def compare(model_dir: Path, pool: Path, *, lora: bool, batch_size: int, warmup:
             "dpalign_engine": "hooks" if lora else "loop", "frozen": frozen, **figures}
 
 
+MODELS = {"tiny": lambda root: fixtures(root), "smollm2-135m": smollm2_fixture}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
     parser.add_argument("--only", choices=("lora", "full"), default=None)
+    parser.add_argument("--model", choices=(*MODELS, "all"), default="tiny")
     args = parser.parse_args()
-    model_dir, pool = start(args)
+    start(args)
+    names = list(MODELS) if args.model == "all" else [args.model]
+    report: dict = {name: measure(name, args) for name in names}
+    if args.json:
+        print(json.dumps(report[names[0]] if len(names) == 1 else report))
+
+
+def measure(name: str, args: argparse.Namespace) -> dict:
+    """LoRA and full fine-tuning figures of one model (full only on the tiny model: per-pair
+    gradients of every weight of a 135M model are B x 0.5 GB)."""
+    model_dir, pool = MODELS[name](args.cache)
     report: dict = {}
     for mode in ("lora", "full"):
-        if args.only not in (None, mode):
+        if args.only not in (None, mode) or (mode == "full" and name != "tiny"):
             continue
         r = compare(model_dir, pool, lora=mode == "lora", batch_size=args.batch_size,
                     warmup=args.warmup, repeats=args.repeats)
-        r.update(batch_size=args.batch_size, threads=torch.get_num_threads())
+        r.update(batch_size=args.batch_size, threads=torch.get_num_threads(), model=name)
         report[mode] = r
+        mode = f"{name} {mode}"
         print(f"[{mode}] non-DP {r['non_dp']['median_s'] * 1e3:.1f} ms  "
               f"dpalign DP ({r['dpalign_engine']}) {r['dpalign_dp']['median_s'] * 1e3:.1f} ms  "
               f"Opacus DP {r['opacus_dp']['median_s'] * 1e3:.1f} ms  | time x{r['time_ratio']:.2f}"
@@ -166,8 +189,7 @@ def main() -> None:
               f"{r['opacus_dp']['peak_rss_mb']:.0f} MiB  | memory x{r['memory_ratio']:.2f}  "
               f"(Opacus-vs-dpalign per-pair grad max error "
               f"{r['opacus_dp']['check_max_abs_error']:.2e})")
-    if args.json:
-        print(json.dumps(report))
+    return report
 
 
 if __name__ == "__main__":

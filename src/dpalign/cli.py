@@ -348,7 +348,7 @@ def study(
         table.add_column(heading, justify="right")
     for row in rows:
         table.add_row(*row)
-    console.print(table)
+    Console(width=max(console.width, 150)).print(table)  # a wide table, also in logs
     failed = result.runs[result.runs["status"] == "failed"]
     for _, run in failed.iterrows():
         console.print(f"[red]failed[/red] {run['run']}: {run['error']}")

@@ -272,11 +272,9 @@ def test_target_epsilon_calibrates_sigma_and_is_met(make_config: MakeConfig,
     exceeds it), the run takes all 6 steps without a stop, and its final epsilon is just
     below 2.
 
-    The trainer's budget stop (``step > plan.budget_steps``) cannot be reached through
-    ``train`` without monkeypatching: sigma is calibrated for exactly the planned steps, so
-    ``budget_steps`` always equals them. What makes the stop correct is that budget_steps is
-    the LARGEST step count within the target; that is checked on ``plan_privacy`` itself
-    (T + 1 steps of the calibrated sigma exceed the target)."""
+    With a calibrated sigma ``budget_steps`` equals the planned steps, so the budget stop
+    is exercised with a fixed sigma below; budget_steps is the LARGEST step count within the
+    target (T + 1 steps of the calibrated sigma exceed it)."""
     target = 2.0
     cfg = make_config(data={"heldout": None}, eval={"every": None}, checkpoint={"every": None},
                       privacy={"enabled": True, "target_epsilon": target,
@@ -299,7 +297,7 @@ def test_target_epsilon_calibrates_sigma_and_is_met(make_config: MakeConfig,
 
 def test_plan_budget_for_a_target_reached_by_a_known_sigma() -> None:
     """Target = epsilon of 10 steps at sigma 1.2 (q = 0.1): the plan for 10 steps calibrates
-    sigma ~1.2 and allows exactly 10 steps; noise_multiplier and target are exclusive."""
+    sigma ~1.2 and allows exactly 10 steps; a DP config needs a sigma or a target."""
     target = _pld_reference(1.2, 0.1, 10)
     cfg = PrivacyConfig(enabled=True, target_epsilon=target)
     plan = plan_privacy(cfg, n_units=40, batch_size=4, steps=10)
@@ -307,8 +305,27 @@ def test_plan_budget_for_a_target_reached_by_a_known_sigma() -> None:
     assert plan.sigma == pytest.approx(1.2, abs=1e-3) and plan.budget_steps == 10
     with pytest.raises(ValueError, match="exceeds the 3 privacy units"):
         plan_privacy(cfg, n_units=3, batch_size=4, steps=10)
-    with pytest.raises(ValueError, match="exactly one of"):
-        PrivacyConfig(enabled=True, target_epsilon=1.0, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="give privacy.noise_multiplier"):
+        PrivacyConfig(enabled=True)
+
+
+def test_fixed_sigma_stops_before_the_target_is_exceeded(make_config: MakeConfig,
+                                                         tmp_path: Path) -> None:
+    """noise_multiplier 1 and target_epsilon = epsilon of 4 steps (PLD, q = 0.25): the run
+    plans 6 steps, takes 4, says why it stopped, and spends at most the target."""
+    target = _pld_reference(1.0, 0.25, 4) * 1.0001
+    cfg = make_config(data={"heldout": None}, eval={"every": None},
+                      checkpoint={"every": 2},
+                      privacy={"enabled": True, "noise_multiplier": 1.0,
+                               "target_epsilon": target, "account_every": 1})
+    result = train(cfg, tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert summary["stopped"].startswith("stopped before step 5")
+    assert summary["privacy"]["steps_taken"] == 4 and summary["privacy"]["budget_steps"] == 4
+    assert summary["privacy"]["epsilon"] == pytest.approx(_pld_reference(1.0, 0.25, 4),
+                                                          rel=1e-9)
+    assert summary["privacy"]["epsilon"] <= target < _pld_reference(1.0, 0.25, 5)
+    assert [r["step"] for r in read_jsonl(result.out / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 # --- noise seeding -------------------------------------------------------------------------

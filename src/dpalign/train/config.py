@@ -157,9 +157,10 @@ class PrivacyConfig(Section):
     def _one_noise(self) -> PrivacyConfig:
         if not self.enabled and self.noise_multiplier is not None:
             raise ValueError("privacy.noise_multiplier is set but privacy.enabled is false")
-        if self.enabled and (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ValueError("give exactly one of privacy.noise_multiplier and "
-                             "privacy.target_epsilon")
+        if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("give privacy.noise_multiplier (a fixed sigma), "
+                             "privacy.target_epsilon (sigma calibrated to it), or both (a "
+                             "fixed sigma, training stopped before the target is exceeded)")
         return self
 
 
