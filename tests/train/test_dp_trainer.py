@@ -305,7 +305,7 @@ def test_plan_budget_for_a_target_reached_by_a_known_sigma() -> None:
     assert plan.sigma == pytest.approx(1.2, abs=1e-3) and plan.budget_steps == 10
     with pytest.raises(ValueError, match="exceeds the 3 privacy units"):
         plan_privacy(cfg, n_units=3, batch_size=4, steps=10)
-    with pytest.raises(ValueError, match="give privacy.noise_multiplier"):
+    with pytest.raises(ValueError, match=r"give privacy\.noise_multiplier"):
         PrivacyConfig(enabled=True)
 
 
