@@ -48,7 +48,10 @@ def run_one(task: RunTask) -> dict[str, Any]:
     run_dir = Path(task.run_dir)
     try:
         import torch
+        import transformers
 
+        transformers.utils.logging.disable_progress_bar()  # the study's bar is the only one
+        transformers.utils.logging.set_verbosity_error()
         from dpalign.diagnostics import diagnose_run_dir
         from dpalign.train.config import TrainConfig
         from dpalign.train.loop import train
