@@ -353,9 +353,40 @@ def study(
     for _, run in failed.iterrows():
         console.print(f"[red]failed[/red] {run['run']}: {run['error']}")
     console.print(f"results: {out / 'runs.parquet'}  {out / 'points.parquet'}")
+    from dpalign.report import write_report
+
+    report = write_report(out)
+    for sentence in report.sentences:
+        console.print(f"- {sentence}", highlight=False)
+    console.print(f"report: {report.html}", highlight=False)
     if as_json:
         print(json.dumps({"out": str(out), "runs": len(result.runs), "failed": len(failed),
+                          "report": str(report.html),
                           "points": json.loads(result.points.to_json(orient="records"))}))
+
+
+@app.command("report")
+def report_command(
+    path: Annotated[Path, typer.Argument(metavar="DIR",
+                                         help="Study directory or single run directory.")],
+    out: Annotated[Path | None, typer.Option(
+        help="HTML file to write (default DIR/report.html; figures/ goes beside it).")] = None,
+    as_json: JsonLine = False,
+) -> None:
+    """Write a self-contained HTML report (verdict, figures, tables, reproducibility)."""
+    from dpalign.report import ReportInputError, write_report
+
+    try:
+        report = write_report(path, out=out)
+    except ReportInputError as exc:
+        raise fail(str(exc)) from exc
+    for sentence in report.sentences:
+        console.print(f"- {sentence}", highlight=False)
+    console.print(f"report: {report.html}  ({len(report.figures)} figures)", highlight=False)
+    if as_json:
+        print(json.dumps({"report": str(report.html),
+                          "figures": [str(p) for p in report.figures],
+                          "verdict": list(report.sentences)}))
 
 
 def main() -> None:

@@ -1,0 +1,160 @@
+"""Read what a report needs from a study directory or a single run directory.
+
+A study directory holds ``study.json``, ``runs.parquet``, ``points.parquet`` (recomputed
+from ``runs.parquet`` with :func:`dpalign.diagnostics.aggregate` when absent) and
+``runs/<run>/``; a run directory holds ``metrics.jsonl`` (plus ``config.yaml``,
+``env.json``, ``eval.jsonl``, ``privacy.json``, ``result.json`` when written).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dpalign.diagnostics import RunDirError, aggregate, read_rows
+
+__all__ = [
+    "ReportInputError",
+    "RunInput",
+    "StudyInput",
+    "load_input",
+    "metrics_frame",
+]
+
+
+class ReportInputError(ValueError):
+    """The directory is not something a report can be built from; the message names it."""
+
+
+@dataclass(frozen=True)
+class StudyInput:
+    """A study: its metadata (``study.json``), run and point tables, and per-run step logs
+    (``logs[run]``: a frame indexed by step; runs without ``metrics.jsonl`` are absent)."""
+
+    path: Path
+    meta: Mapping[str, Any]
+    runs: pd.DataFrame
+    points: pd.DataFrame
+    logs: Mapping[str, pd.DataFrame] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunInput:
+    """One run directory's files (absent optional files are empty / ``None``)."""
+
+    path: Path
+    metrics: pd.DataFrame
+    evals: list[dict[str, Any]]
+    config_text: str
+    env: Mapping[str, Any]
+    privacy: Mapping[str, Any] | None
+    result: Mapping[str, Any] | None
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's content, ``None`` when absent; :class:`ReportInputError` if malformed."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ReportInputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+
+
+def metrics_frame(path: Path) -> pd.DataFrame:
+    """``metrics.jsonl`` as a frame indexed by step (later rows win for a repeated step);
+    null and non-finite values become NaN in numeric columns."""
+    rows = read_rows(path)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return pd.DataFrame(index=pd.Index([], name="step"))
+    frame = frame.drop_duplicates("step", keep="last").set_index("step").sort_index()
+    return frame.apply(pd.to_numeric, errors="coerce").replace([np.inf, -np.inf], np.nan)
+
+
+def _points_from_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """``points.parquet`` rebuilt from the finished runs when the file is missing (as
+    ``dpalign.study.store`` writes it: ``n_runs`` counts finished runs)."""
+    grid = ["point", "mechanism", "epsilon_target", "k", "loss", "lr"]
+    rows = []
+    for _, group in runs.groupby("point", sort=True):
+        ok = group[group["status"] == "ok"] if "status" in group else group
+        first = group.iloc[0]
+        records = [{k: v for k, v in r.items() if k not in grid and k not in ("seed", "run")}
+                   for r in ok.to_dict(orient="records")]
+        row = {name: first[name] for name in grid if name in group}
+        failed = int((group["status"] == "failed").sum()) if "status" in group else 0
+        row |= aggregate(records) | {"n_runs": len(ok), "n_failed": failed}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _load_logs(path: Path, runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """``metrics.jsonl`` of every run that has one, by run name."""
+    logs = {}
+    for run in runs["run"]:
+        file = path / "runs" / str(run) / "metrics.jsonl"
+        if file.exists():
+            logs[str(run)] = metrics_frame(file)
+    return logs
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise ReportInputError(f"{path}: cannot read ({exc})") from exc
+
+
+def load_study(path: Path) -> StudyInput:
+    """A study directory (see the module docstring)."""
+    runs_file = path / "runs.parquet"
+    if not runs_file.exists():
+        raise ReportInputError(f"{path}: a study directory needs {runs_file.name} "
+                               f"(the study has not finished its first run?)")
+    runs = _read_parquet(runs_file)
+    points_file = path / "points.parquet"
+    points = _read_parquet(points_file) if points_file.exists() else _points_from_runs(runs)
+    meta = _read_json(path / "study.json") or {}
+    return StudyInput(path, meta, runs, points, _load_logs(path, runs))
+
+
+def load_run(path: Path) -> RunInput:
+    """A run directory (see the module docstring)."""
+    evals_file = path / "eval.jsonl"
+    config = path / "config.yaml"
+    try:
+        metrics = metrics_frame(path / "metrics.jsonl")
+        evals = read_rows(evals_file) if evals_file.exists() else []
+    except RunDirError as exc:
+        raise ReportInputError(str(exc)) from exc
+    return RunInput(path, metrics, evals,
+                    config.read_text(encoding="utf-8") if config.exists() else "",
+                    _read_json(path / "env.json") or {}, _read_json(path / "privacy.json"),
+                    _read_json(path / "result.json"))
+
+
+_KINDS: tuple[tuple[Callable[[Path], bool], Callable[[Path], StudyInput | RunInput]], ...] = (
+    (lambda p: (p / "study.json").exists() or (p / "runs.parquet").exists(), load_study),
+    (lambda p: (p / "metrics.jsonl").exists(), load_run),
+)
+
+
+def load_input(path: str | Path) -> StudyInput | RunInput:
+    """The study or run at ``path``; :class:`ReportInputError` naming ``path`` when it is
+    neither."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ReportInputError(f"{path}: no such directory")
+    for matches, load in _KINDS:
+        if matches(path):
+            return load(path)
+    raise ReportInputError(
+        f"{path}: neither a study directory (no study.json or runs.parquet) nor a run "
+        f"directory (no metrics.jsonl)")

@@ -1,0 +1,207 @@
+"""Assemble a :class:`~dpalign.report.html.Page` from a loaded study or run."""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import yaml
+
+from dpalign.diagnostics import RunDirError, Thresholds, diagnose_run_dir
+from dpalign.report.figures import run_figures, study_figures
+from dpalign.report.fmt import format_number
+from dpalign.report.html import Block, Page
+from dpalign.report.load import ReportInputError, RunInput, StudyInput
+from dpalign.report.series import Cell, cells_from_tables, ok_runs
+from dpalign.report.tables import (
+    Table,
+    TableCell,
+    key_value_table,
+    points_table,
+    records_table,
+    runs_table,
+)
+from dpalign.report.verdict import (
+    KIND_WORDS,
+    Verdict,
+    VerdictThresholds,
+    describe_rules,
+    glance,
+    run_summary,
+    study_verdicts,
+)
+
+__all__ = ["PAGES", "build_page", "run_page", "study_page"]
+
+NOT_RECORDED = "not recorded"
+DIAGNOSTIC_DEFAULTS = Thresholds()
+VERDICT_DEFAULTS = VerdictThresholds()
+
+
+def _pairs(values: Mapping[str, Any] | None) -> tuple[tuple[str, str], ...]:
+    """``(name, text)`` pairs; nested values as compact JSON."""
+    def text(value: Any) -> str:
+        if value is None:
+            return NOT_RECORDED
+        return json.dumps(value) if isinstance(value, dict | list) else str(value)
+
+    return tuple((str(k), text(v)) for k, v in (values or {}).items())
+
+
+def diagnostic_rules(thresholds: Thresholds = DIAGNOSTIC_DEFAULTS) -> str:
+    """How a single run is diagnosed (from :class:`dpalign.diagnostics.Thresholds`)."""
+    limit = ("a fixed limit of " + format_number(thresholds.loss_limit)
+             if thresholds.loss_limit is not None else
+             f"{thresholds.loss_limit_factor:g} × |first loss| + {thresholds.loss_limit_floor:g}")
+    return (f"A run diverges at the first step whose loss is non-finite or above {limit}, or "
+            f"whose KL proxy is non-finite or above {thresholds.kl_limit:g} nats. Loss "
+            f"volatility is the std of the per-step change of the EMA-smoothed loss (decay "
+            f"{thresholds.ema_decay:g}). Steps to converge: the first evaluation step with "
+            f"{thresholds.target_key} ≥ {thresholds.target_accuracy:g} (defaults of "
+            f"dpalign.diagnostics.Thresholds; a study may set others in its config).")
+
+
+# ---------------------------------------------------------------- study
+
+
+def _seeds(study: StudyInput) -> list[int]:
+    return sorted({int(s) for s in study.runs["seed"]}) if "seed" in study.runs else []
+
+
+def _study_blocks(study: StudyInput) -> list[Block]:
+    meta = study.meta
+    command = meta.get("command")
+    failed = len(study.runs) - len(ok_runs(study.runs))
+    facts = {"study": meta.get("name", study.path.name), "directory": str(study.path),
+             "created": meta.get("created"), "git revision": meta.get("git_revision"),
+             "accountant": meta.get("accountant"),
+             "seeds": ", ".join(map(str, _seeds(study))) or None,
+             "runs": f"{len(study.runs)} ({failed} failed)"}
+    config = meta.get("config")
+    return [
+        Block("Command", shlex.join(map(str, command)) if command else NOT_RECORDED),
+        Block("Study", pairs=_pairs(facts)),
+        Block("Machine", pairs=_pairs(meta.get("machine")) or (("machine", NOT_RECORDED),)),
+        Block("Package versions",
+              pairs=_pairs(meta.get("versions")) or (("versions", NOT_RECORDED),)),
+        Block("Resolved config", yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+              if config is not None else NOT_RECORDED),
+    ]
+
+
+def _study_subtitle(study: StudyInput) -> str:
+    runs = study.runs
+    ks = sorted({int(k) for k in runs["k"]}) if "k" in runs else []
+    eps = sorted({float(e) for e in runs["epsilon_target"]}) if "epsilon_target" in runs else []
+    eps_text = ", ".join("∞" if math.isinf(e) else f"{e:g}" for e in eps)
+    k_text = ", ".join(map(str, ks))
+    return (f"{len(runs)} runs over {len(study.points)} grid points — K ∈ {{{k_text}}}, "
+            f"ε ∈ {{{eps_text}}}, {len(_seeds(study))} seeds — {study.path}")
+
+
+def glance_table(cells: list[Cell], thresholds: VerdictThresholds = VERDICT_DEFAULTS
+                 ) -> Table | None:
+    """The at-a-glance matrix of :func:`dpalign.report.verdict.glance` (``None`` when no
+    series has two or more epsilon values). A cell's ``sort`` holds its trend kind, used as
+    its CSS class."""
+    labels, rows = glance(cells, thresholds)
+    if not labels or not rows:
+        return None
+    kinds = {word: kind for kind, word in KIND_WORDS.items()}
+    body = tuple((TableCell(name, ""), *(TableCell(w, kinds[w]) for w in words))
+                 for name, words in rows)
+    return Table("glance", "At a glance: the trend as ε decreases (more noise)",
+                 "Clear = the 95% CIs at no DP (or the least-private ε) and at the smallest ε "
+                 "do not overlap; the sentences below give the numbers.",
+                 ("metric", *labels), body)
+
+
+def study_page(study: StudyInput,
+               thresholds: VerdictThresholds = VERDICT_DEFAULTS) -> Page:
+    """The report page of a study directory."""
+    cells = cells_from_tables(study.points, study.runs)
+    name = study.meta.get("name", study.path.name)
+    return Page(
+        title=f"dpalign study report: {name}",
+        subtitle=_study_subtitle(study),
+        notes=("What does DP noise do to convergence stability in few-shot image-text "
+               "alignment? Each sentence below is generated from the grid's numbers.",),
+        glance=glance_table(cells, thresholds),
+        verdicts=study_verdicts(cells, thresholds),
+        rules=[*describe_rules(thresholds), diagnostic_rules()],
+        figures=study_figures(study, cells),
+        tables=[points_table(cells), runs_table(study.runs)],
+        reproducibility=_study_blocks(study),
+    )
+
+
+# ---------------------------------------------------------------- single run
+
+
+def _config(run: RunInput) -> Mapping[str, Any]:
+    try:
+        loaded = yaml.safe_load(run.config_text) if run.config_text else {}
+    except yaml.YAMLError:
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _run_blocks(run: RunInput) -> list[Block]:
+    config = _config(run)
+    privacy = run.privacy
+    spent = ((run.result or {}).get("privacy") or {}).get("epsilon")
+    facts = {
+        "directory": str(run.path),
+        "seed (train.seed)": (config.get("train") or {}).get("seed"),
+        "few-shot split seed (data.seed)": (config.get("data") or {}).get("seed"),
+        "K (data.k)": (config.get("data") or {}).get("k"),
+        "accountant": privacy.get("accountant") if privacy else "none (non-private run)",
+        "ε spent": spent if privacy else "∞ (no DP)",
+        "git revision": None,
+    }
+    rerun = f"dpalign train --config {shlex.quote(str(run.path / 'config.yaml'))} --out NEW_DIR"
+    blocks = [
+        Block("Command (not stored in a run directory; this re-runs it)", rerun),
+        Block("Run", pairs=_pairs(facts)),
+        Block("Environment (env.json)",
+              pairs=_pairs(run.env) or (("env.json", NOT_RECORDED),)),
+    ]
+    if privacy:
+        blocks.append(Block("Privacy (privacy.json)", pairs=_pairs(privacy)))
+    blocks.append(Block("Resolved config (config.yaml)", run.config_text or NOT_RECORDED))
+    return blocks
+
+
+def run_page(run: RunInput, thresholds: VerdictThresholds = VERDICT_DEFAULTS) -> Page:
+    """The report page of a single run directory: summary, curves, metrics tables."""
+    try:
+        diagnostics = diagnose_run_dir(run.path).as_dict()
+    except RunDirError as exc:
+        raise ReportInputError(str(exc)) from exc
+    tables = [key_value_table("diagnostics", "Run diagnostics",
+                              "Stability summary and final/best evaluation values.",
+                              diagnostics)]
+    if run.evals:
+        tables.append(records_table("evals", "Evaluations",
+                                    "One row per evaluation step (eval.jsonl).", run.evals))
+    return Page(
+        title=f"dpalign run report: {run.path.name}",
+        subtitle=f"{len(run.metrics)} logged steps, {len(run.evals)} evaluations — {run.path}",
+        verdicts=[Verdict("Summary", tuple(run_summary(diagnostics)))],
+        rules=[diagnostic_rules()],
+        figures=run_figures(run),
+        tables=tables,
+        reproducibility=_run_blocks(run),
+    )
+
+
+PAGES: dict[type, Callable[[Any], Page]] = {StudyInput: study_page, RunInput: run_page}
+"""Page builder per kind of loaded input."""
+
+
+def build_page(data: StudyInput | RunInput) -> Page:
+    """The page for a loaded study or run."""
+    return PAGES[type(data)](data)

@@ -1,0 +1,280 @@
+"""From a study's tables to plain objects: one :class:`Cell` per grid point holding an
+:class:`Estimate` (mean, 95% CI, seed count) per metric, and the :class:`Series` the verdict
+and the figures walk along (over epsilon at fixed K, or over K at fixed epsilon).
+
+Everything after :func:`cells_from_tables` is free of pandas, so the verdict logic can be
+tested on hand-made cells.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from dpalign.diagnostics import summarize
+from dpalign.report.fmt import format_epsilon, format_number
+
+__all__ = [
+    "GRID_FIELDS",
+    "MECHANISM_NAMES",
+    "METRICS",
+    "Cell",
+    "Estimate",
+    "Metric",
+    "Series",
+    "cells_from_tables",
+    "epsilon_series",
+    "k_series",
+    "ok_runs",
+]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A cross-seed mean with its 95% bootstrap interval and the number of seeds behind it."""
+
+    mean: float = math.nan
+    low: float = math.nan
+    high: float = math.nan
+    n: int = 0
+
+    @property
+    def measured(self) -> bool:
+        return self.n > 0 and not math.isnan(self.mean)
+
+    def text(self) -> str:
+        """``0.67 [0.33, 1] (n=3)``; ``not measured`` when there is no value."""
+        if not self.measured:
+            return "not measured"
+        return (f"{format_number(self.mean)} [{format_number(self.low)}, "
+                f"{format_number(self.high)}] (n={self.n})")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A per-run quantity: its ``column`` in ``runs.parquet``, a ``label`` for sentences and
+    an axis ``unit``. ``derive`` computes it from the runs table when it is not a column
+    (e.g. "reached the target" from ``steps_to_target``)."""
+
+    column: str
+    label: str
+    unit: str
+    derive: Callable[[pd.DataFrame], pd.Series] | None = None
+
+
+def _indicator(column: str, hit: Callable[[pd.Series], pd.Series]) -> Callable[
+        [pd.DataFrame], pd.Series]:
+    """A 0/1 column from ``hit(runs[column])`` (NaN where ``column`` is absent)."""
+
+    def derive(runs: pd.DataFrame) -> pd.Series:
+        if column not in runs:
+            return pd.Series(math.nan, index=runs.index)
+        return hit(runs[column]).astype(float)
+
+    return derive
+
+
+METRICS: dict[str, Metric] = {
+    "diverged": Metric("diverged", "divergence rate", "fraction of seeds that diverged",
+                       _indicator("diverged", lambda s: s.fillna(False).astype(bool))),
+    "loss_volatility": Metric("loss_volatility", "loss volatility",
+                              "std of Δ EMA(loss) per step (nats)"),
+    "steps_to_target": Metric("steps_to_target", "steps to converge",
+                              "optimizer steps (seeds that reached the target)"),
+    "converged": Metric("converged", "fraction of seeds reaching the target",
+                        "fraction of seeds",
+                        _indicator("steps_to_target", lambda s: s.notna())),
+    "final_heldout_reward_accuracy": Metric("final_heldout_reward_accuracy",
+                                            "final held-out reward accuracy",
+                                            "accuracy (fraction of pairs)"),
+    "final_pope_adversarial_accuracy": Metric("final_pope_adversarial_accuracy",
+                                              "final POPE-adversarial accuracy",
+                                              "accuracy (fraction of questions)"),
+    "final_chair_s": Metric("final_chair_s", "final CHAIR_s",
+                            "CHAIR_s (fraction of captions hallucinating)"),
+    "mean_noise_to_signal": Metric("mean_noise_to_signal", "mean noise-to-signal ratio",
+                                   "noise std / ‖mean clipped grad‖"),
+    "mean_clip_fraction": Metric("mean_clip_fraction", "mean clip fraction",
+                                 "fraction of pairs clipped"),
+    "sigma": Metric("sigma", "noise multiplier σ", "σ (noise std / clip norm)"),
+    "epsilon": Metric("epsilon", "ε spent", "ε"),
+    "kl_final": Metric("kl_final", "final KL to the reference", "nats per token"),
+}
+"""Every metric the report estimates per grid point, by key."""
+
+MECHANISM_NAMES: dict[str, str] = {"none": "no DP", "dp_sgd": "DP-SGD", "label_dp": "label-DP"}
+
+GRID_FIELDS = ("mechanism", "loss", "lr", "k")
+"""The grid coordinates besides epsilon; a series holds all but the one it walks along."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid point: its coordinates, run counts and an :class:`Estimate` per metric."""
+
+    point: str
+    mechanism: str
+    epsilon: float
+    k: int
+    loss: str = "dpo"
+    lr: float | None = None
+    n_runs: int = 0
+    n_failed: int = 0
+    stats: Mapping[str, Estimate] = field(default_factory=dict)
+
+    @property
+    def private(self) -> bool:
+        return not math.isinf(self.epsilon)
+
+    def get(self, key: str) -> Estimate:
+        """The estimate of metric ``key`` (an unmeasured :class:`Estimate` when absent)."""
+        return self.stats.get(key, Estimate())
+
+
+def _estimate_from_row(row: Mapping[str, Any], key: str) -> Estimate | None:
+    """The ``<key>_mean/_ci_low/_ci_high/_n`` columns of a ``points.parquet`` row."""
+    if f"{key}_mean" not in row:
+        return None
+    n = row.get(f"{key}_n", 0)
+    return Estimate(float(row[f"{key}_mean"]), float(row.get(f"{key}_ci_low", math.nan)),
+                    float(row.get(f"{key}_ci_high", math.nan)),
+                    0 if n is None or pd.isna(n) else int(n))
+
+
+def _estimate_from_runs(runs: pd.DataFrame, metric: Metric) -> Estimate:
+    """Mean, bootstrap CI and count of ``metric`` over the given runs (NaN dropped)."""
+    if metric.derive is not None:
+        values = metric.derive(runs)
+    elif metric.column in runs:
+        values = pd.to_numeric(runs[metric.column], errors="coerce")
+    else:
+        return Estimate()
+    s = summarize(values.astype(float).to_numpy())
+    return Estimate(s["mean"], s["ci_low"], s["ci_high"], int(s["n"]))
+
+
+def ok_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs that finished (``status == "ok"``; all runs when there is no status column)."""
+    return runs[runs["status"] == "ok"] if "status" in runs else runs
+
+
+def _learning_rate(value: Any) -> float | None:
+    """The grid's lr: ``None`` when the point uses the base config's (null / NaN / absent),
+    so that points compare equal on it."""
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def _cell(row: Mapping[str, Any], runs: pd.DataFrame) -> Cell:
+    """One :class:`Cell` from a points row and that point's finished runs. Indicator
+    metrics are always computed from the runs; the others come from ``points.parquet`` when
+    it has them."""
+    stats = {}
+    for key, metric in METRICS.items():
+        from_row = None if metric.derive is not None else _estimate_from_row(row, key)
+        stats[key] = from_row if from_row is not None else _estimate_from_runs(runs, metric)
+    return Cell(point=str(row["point"]), mechanism=str(row["mechanism"]),
+                epsilon=float(row["epsilon_target"]), k=int(row["k"]),
+                loss=str(row.get("loss", "dpo")), lr=_learning_rate(row.get("lr")),
+                n_runs=int(row.get("n_runs", len(runs))),
+                n_failed=int(row.get("n_failed", 0) or 0), stats=stats)
+
+
+def cells_from_tables(points: pd.DataFrame, runs: pd.DataFrame) -> list[Cell]:
+    """One :class:`Cell` per row of ``points`` (the study's ``points.parquet``), estimates
+    taken from its aggregate columns or computed from the matching ``runs`` rows."""
+    ok = ok_runs(runs)
+    by_point = {name: group for name, group in ok.groupby("point")}
+    empty = ok.iloc[0:0]
+    return [_cell(row, by_point.get(row["point"], empty))
+            for row in points.to_dict(orient="records")]
+
+
+# ---------------------------------------------------------------- series
+
+
+@dataclass(frozen=True)
+class Series:
+    """Grid points that differ in one coordinate, ``along`` ("epsilon" or "k"), ordered in
+    the direction the verdict reads them: epsilon from no DP down to the smallest epsilon
+    (more noise), K from few to many shots. ``group`` holds the fixed coordinates."""
+
+    along: str
+    group: Mapping[str, Any]
+    cells: tuple[Cell, ...]
+    label: str
+
+
+_FIELD_TEXT: dict[str, Callable[[Any], str]] = {
+    "mechanism": lambda v: MECHANISM_NAMES.get(v, str(v)),
+    "loss": lambda v: str(v).upper() if len(str(v)) <= 4 else str(v),
+    "lr": lambda v: "base lr" if v is None else f"lr={v:g}",
+    "k": lambda v: f"K={v}",
+    "epsilon": format_epsilon,
+}
+
+
+def _lr_key(lr: float | None) -> float:
+    return -1.0 if lr is None else lr
+
+
+def _varying(cells: Sequence[Cell], name: str) -> bool:
+    return len({getattr(c, name) for c in cells}) > 1
+
+
+def _label(group: Mapping[str, Any], shown: Iterable[str]) -> str:
+    """``DP-SGD, K=8``: the named coordinates of ``group``, in :data:`_FIELD_TEXT` order
+    (the mechanism is left out for non-private points: their epsilon says "no DP")."""
+    shown = set(shown) - ({"mechanism"} if group.get("epsilon") == math.inf else set())
+    return ", ".join(_FIELD_TEXT[name](group[name]) for name in _FIELD_TEXT
+                     if name in shown and name in group)
+
+
+def _dp_mechanisms(cells: Sequence[Cell]) -> list[str]:
+    return sorted({c.mechanism for c in cells if c.private}) or ["none"]
+
+
+def epsilon_series(cells: Sequence[Cell]) -> list[Series]:
+    """One series per DP mechanism and (loss, lr, K): that mechanism's points plus the
+    non-private points of the same (loss, lr, K), ordered from no DP to the smallest epsilon.
+    Labels name K always and the mechanism, loss and lr when the study varies them."""
+    dp_cells = [c for c in cells if c.private]
+    shown = {"k"} | {name for name in ("loss", "lr") if _varying(cells, name)}
+    if len({c.mechanism for c in dp_cells}) > 1:
+        shown.add("mechanism")
+    out = []
+    for mechanism in _dp_mechanisms(cells):
+        families = sorted({(c.loss, c.lr, c.k) for c in cells},
+                          key=lambda f: (f[0], _lr_key(f[1]), f[2]))
+        for loss, lr, k in families:
+            members = [c for c in cells if (c.loss, c.lr, c.k) == (loss, lr, k)
+                       and (c.mechanism == mechanism or not c.private)]
+            if not members:
+                continue
+            group = {"mechanism": mechanism, "loss": loss, "lr": lr, "k": k}
+            ordered = tuple(sorted(members, key=lambda c: -c.epsilon))
+            out.append(Series("epsilon", group, ordered, _label(group, shown)))
+    return out
+
+
+def k_series(cells: Sequence[Cell]) -> list[Series]:
+    """One series per (mechanism, loss, lr, epsilon) over K, ordered by K. Labels name epsilon
+    always and the mechanism, loss and lr when the study varies them."""
+    shown = {"epsilon"} | {n for n in ("loss", "lr") if _varying(cells, n)}
+    if len({c.mechanism for c in cells if c.private}) > 1:
+        shown.add("mechanism")
+    keys = sorted({(c.mechanism, c.loss, c.lr, c.epsilon) for c in cells},
+                  key=lambda key: (key[0] != "none", key[0], key[1], _lr_key(key[2]),
+                                   -key[3]))
+    out = []
+    for mechanism, loss, lr, epsilon in keys:
+        members = sorted((c for c in cells
+                          if (c.mechanism, c.loss, c.lr, c.epsilon) == (mechanism, loss, lr,
+                                                                        epsilon)),
+                         key=lambda c: c.k)
+        group = {"mechanism": mechanism, "loss": loss, "lr": lr, "epsilon": epsilon}
+        out.append(Series("k", group, tuple(members), _label(group, shown)))
+    return out

@@ -1,0 +1,145 @@
+"""The report's tables as plain data: every cell has display text and a sort key (the raw
+number, so a click on a header sorts numerically)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from dpalign.report.fmt import NO_DP, format_number, is_number
+from dpalign.report.series import MECHANISM_NAMES, METRICS, Cell, Estimate
+
+__all__ = ["Table", "TableCell", "key_value_table", "points_table", "records_table",
+           "runs_table"]
+
+
+@dataclass(frozen=True)
+class TableCell:
+    """``text`` shown, ``sort`` the value the header click sorts on ("" sorts last)."""
+
+    text: str
+    sort: str
+
+
+@dataclass(frozen=True)
+class Table:
+    """A titled table with a caption, header names and rows of cells."""
+
+    id: str
+    title: str
+    caption: str
+    headers: tuple[str, ...]
+    rows: tuple[tuple[TableCell, ...], ...]
+
+
+def _sort_key(value: Any) -> str:
+    """A number's repr (``Infinity`` for inf, "" for NaN/None) or the text itself."""
+    if value is None:
+        return ""
+    if isinstance(value, bool | int):
+        return str(int(value))
+    if is_number(value):
+        x = float(value)
+        return "" if math.isnan(x) else ("Infinity" if x == math.inf else
+                                         "-Infinity" if x == -math.inf else repr(x))
+    return str(value)
+
+
+def cell(value: Any, text: str | None = None) -> TableCell:
+    """A :class:`TableCell` for ``value`` (numbers via :func:`format_number`)."""
+    if text is None:
+        text = "yes" if value is True else "no" if value is False else format_number(value)
+    return TableCell(text, _sort_key(value))
+
+
+def _estimate_cell(est: Estimate) -> TableCell:
+    if not est.measured:
+        return cell(None)
+    return TableCell(f"{format_number(est.mean)} [{format_number(est.low)}, "
+                     f"{format_number(est.high)}]", _sort_key(est.mean))
+
+
+def _epsilon_cell(epsilon: Any) -> TableCell:
+    infinite = is_number(epsilon) and math.isinf(float(epsilon))
+    return cell(epsilon, NO_DP if infinite else None)
+
+
+_POINT_FIELDS: tuple[tuple[str, Callable[[Cell], TableCell]], ...] = (
+    ("point", lambda c: cell(c.point)),
+    ("mechanism", lambda c: cell(MECHANISM_NAMES.get(c.mechanism, c.mechanism))),
+    ("ε target", lambda c: _epsilon_cell(c.epsilon)),
+    ("K", lambda c: cell(c.k)),
+    ("loss", lambda c: cell(c.loss)),
+    ("lr", lambda c: cell(c.lr, "base" if c.lr is None else None)),
+    ("runs", lambda c: cell(c.n_runs)),
+    ("failed", lambda c: cell(c.n_failed)),
+)
+_POINT_METRICS = ("diverged", "converged", "loss_volatility", "steps_to_target",
+                  "final_heldout_reward_accuracy", "final_pope_adversarial_accuracy",
+                  "final_chair_s", "mean_noise_to_signal", "mean_clip_fraction", "sigma",
+                  "epsilon", "kl_final")
+
+
+def points_table(cells: Sequence[Cell]) -> Table:
+    """One row per grid point: coordinates, counts and mean [95% CI] per metric."""
+    keys = [k for k in _POINT_METRICS if any(c.get(k).measured for c in cells)]
+    headers = [name for name, _ in _POINT_FIELDS] + [METRICS[k].label for k in keys]
+    rows = tuple(tuple(make(c) for _, make in _POINT_FIELDS)
+                 + tuple(_estimate_cell(c.get(k)) for k in keys) for c in cells)
+    return Table("points", "Grid points",
+                 "Mean [95% bootstrap CI] over the finished seeds of each grid point. "
+                 "Click a header to sort.", tuple(headers), rows)
+
+
+_RUN_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("run", "run"), ("status", "status"), ("mechanism", "mechanism"),
+    ("ε target", "epsilon_target"), ("K", "k"), ("seed", "seed"), ("loss", "loss"),
+    ("lr", "lr"), ("σ", "sigma"), ("ε spent", "epsilon"), ("steps", "n_steps"),
+    ("diverged", "diverged"), ("diverged at", "diverged_step"), ("why", "diverged_reason"),
+    ("loss volatility", "loss_volatility"), ("steps to target", "steps_to_target"),
+    ("clip fraction", "mean_clip_fraction"), ("noise/signal", "mean_noise_to_signal"),
+    ("KL final", "kl_final"), ("reward acc.", "final_heldout_reward_accuracy"),
+    ("POPE adv. acc.", "final_pope_adversarial_accuracy"), ("CHAIR_s", "final_chair_s"),
+    ("CHAIR_i", "final_chair_i"), ("wall s", "wall_seconds"), ("error", "error"),
+)
+_CELL_MAKERS: dict[str, Callable[[Any], TableCell]] = {
+    "epsilon_target": _epsilon_cell,
+    "epsilon": _epsilon_cell,
+    "mechanism": lambda v: cell(MECHANISM_NAMES.get(v, v)),
+}
+
+
+def _python(value: Any) -> Any:
+    """numpy scalars to Python ones; pandas' missing markers to None."""
+    if hasattr(value, "item"):
+        value = value.item()
+    return None if value is pd.NA or value is pd.NaT else value
+
+
+def runs_table(runs: pd.DataFrame) -> Table:
+    """One row per run, the columns of :data:`_RUN_COLUMNS` that the study has."""
+    present = [(h, c) for h, c in _RUN_COLUMNS if c in runs]
+    rows = tuple(
+        tuple(_CELL_MAKERS.get(column, cell)(_python(record[column])) for _, column in present)
+        for record in runs.to_dict(orient="records"))
+    return Table("runs", "Runs", "One row per run (grid point and seed); ε spent is inf for "
+                 "non-private runs. Click a header to sort.",
+                 tuple(h for h, _ in present), rows)
+
+
+def records_table(id_: str, title: str, caption: str,
+                  records: Sequence[Mapping[str, Any]]) -> Table:
+    """A table of dict rows, one column per key (first-seen order)."""
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    rows = tuple(tuple(cell(_python(r.get(k))) for k in keys) for r in records)
+    return Table(id_, title, caption, tuple(keys), rows)
+
+
+def key_value_table(id_: str, title: str, caption: str, values: Mapping[str, Any]) -> Table:
+    """A two-column table (name, value)."""
+    rows = tuple((cell(k), cell(_python(v))) for k, v in values.items())
+    return Table(id_, title, caption, ("quantity", "value"), rows)

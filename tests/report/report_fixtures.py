@@ -1,0 +1,153 @@
+"""Synthetic study and run directories for the report tests (no training). Not a
+``conftest.py``: a second one would shadow ``tests/conftest.py`` for ``from conftest import``.
+
+Each run's logs are made up from a closed form (a decaying loss plus seeded noise whose size
+grows as epsilon shrinks); the study tables are then computed from those logs with the real
+diagnostics, as a study runner would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dpalign.diagnostics import aggregate, diagnose_run_dir
+
+INF = math.inf
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the synthetic runs behave.
+
+    ``diverge_below``: runs with epsilon < this diverge (loss jumps to 50 halfway) for the
+    first ``diverging_seeds`` seeds; ``noisy``: loss noise grows as 0.3 / epsilon (else a
+    constant 0.01 for every point).
+    """
+
+    epsilons: tuple[float, ...] = (INF, 8.0, 2.0, 0.5)
+    ks: tuple[int, ...] = (4, 16)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    mechanisms: tuple[str, ...] = ("dp_sgd",)
+    losses: tuple[str, ...] = ("dpo",)
+    steps: int = 40
+    diverge_below: float = 0.0
+    diverging_seeds: int = 3
+    noisy: bool = False
+
+
+def _noise_size(recipe: Recipe, epsilon: float) -> float:
+    return 0.3 / epsilon if recipe.noisy and math.isfinite(epsilon) else 0.01
+
+
+def _metrics(recipe: Recipe, epsilon: float, k: int, seed: int) -> list[dict[str, Any]]:
+    rng = np.random.default_rng([seed, k, int(1000 * min(epsilon, 1e6))])
+    diverges = epsilon < recipe.diverge_below and seed < recipe.diverging_seeds
+    rows = []
+    for step in range(1, recipe.steps + 1):
+        loss = 0.69 * math.exp(-step / 20) + 0.1 + rng.normal(0, _noise_size(recipe, epsilon))
+        if diverges and step > recipe.steps // 2:
+            loss = 50.0 if step < recipe.steps else math.nan
+        row: dict[str, Any] = {"step": step, "loss": loss,
+                               "reward_margin": 0.05 * step + rng.normal(0, 0.05),
+                               "reward_accuracy": min(1.0, 0.5 + step / 60), "lr": 1e-3,
+                               "step_seconds": 0.01}
+        if math.isfinite(epsilon):
+            row |= {"dp_clip_fraction": 0.2 + rng.uniform(0, 0.1),
+                    "dp_noise_to_signal": 2.0 / epsilon * (1 + rng.uniform(0, 0.2)),
+                    "epsilon": epsilon * 0.99 if step == recipe.steps else None}
+        else:
+            row["kl_proxy"] = 0.01 * step
+        rows.append(row)
+    return rows
+
+
+def _evals(recipe: Recipe, epsilon: float, seed: int) -> list[dict[str, Any]]:
+    quality = 0.9 if math.isinf(epsilon) else 0.9 - 0.1 / epsilon
+    rows = []
+    for step in (0, recipe.steps // 2, recipe.steps):
+        frac = step / recipe.steps
+        rows.append({"step": step, "heldout_reward_accuracy": 0.5 + frac * (quality - 0.5),
+                     "pope_adversarial_accuracy": 0.66 + 0.01 * seed - 0.02 * frac / min(
+                         epsilon, 10), "chair_s": 0.5 - 0.3 * frac * quality, "chair_i": 0.1})
+    return rows
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_run(path: Path, recipe: Recipe, *, epsilon: float, k: int, seed: int,
+              mechanism: str, loss: str) -> None:
+    """One synthetic run directory."""
+    path.mkdir(parents=True)
+    _write_jsonl(path / "metrics.jsonl", _metrics(recipe, epsilon, k, seed))
+    _write_jsonl(path / "eval.jsonl", _evals(recipe, epsilon, seed))
+    private = math.isfinite(epsilon)
+    privacy = {"accountant": "pld", "delta": 1e-5, "sigma": 4.0 / epsilon,
+               "target_epsilon": epsilon, "epsilon": epsilon * 0.99} if private else None
+    (path / "config.yaml").write_text(
+        f"loss:\n  name: {loss}\ndata:\n  k: {k}\n  seed: {seed}\ntrain:\n  seed: {seed}\n"
+        f"privacy:\n  enabled: {str(private).lower()}\n")
+    (path / "env.json").write_text(json.dumps({"python": "3.11", "torch": "2.13.0+cpu"}))
+    if privacy:
+        (path / "privacy.json").write_text(json.dumps(privacy))
+    (path / "result.json").write_text(json.dumps({"privacy": privacy, "steps": recipe.steps}))
+
+
+def _grid(recipe: Recipe) -> list[dict[str, Any]]:
+    """Grid points: every DP mechanism x finite epsilon, plus one no-DP point, per K/loss."""
+    points = []
+    for loss in recipe.losses:
+        for k in recipe.ks:
+            for epsilon in recipe.epsilons:
+                mechanisms = recipe.mechanisms if math.isfinite(epsilon) else ("none",)
+                for mechanism in mechanisms:
+                    eps_name = "inf" if math.isinf(epsilon) else f"{epsilon:g}"
+                    points.append({"point": f"{loss}-{mechanism}-eps{eps_name}-k{k}",
+                                   "mechanism": mechanism, "epsilon_target": epsilon, "k": k,
+                                   "loss": loss, "lr": None})
+    return points
+
+
+def write_study(root: Path, recipe: Recipe, *, points_file: bool = True) -> Path:
+    """A study directory with study.json, runs/, runs.parquet and points.parquet."""
+    root.mkdir(parents=True)
+    rows, point_rows = [], []
+    for point in _grid(recipe):
+        diagnosed = []
+        for seed in recipe.seeds:
+            name = f"{point['point']}-s{seed}"
+            write_run(root / "runs" / name, recipe, epsilon=point["epsilon_target"],
+                      k=point["k"], seed=seed, mechanism=point["mechanism"],
+                      loss=point["loss"])
+            diag = diagnose_run_dir(root / "runs" / name).as_dict()
+            diagnosed.append(diag)
+            private = math.isfinite(point["epsilon_target"])
+            rows.append({"run": name, **point, "status": "ok", "error": None, "seed": seed,
+                         "sigma": 4.0 / point["epsilon_target"] if private else math.nan,
+                         "wall_seconds": 1.5, **diag})
+        point_rows.append({**point, **aggregate(diagnosed, n_resamples=300),
+                           "n_failed": 0})
+    runs = pd.DataFrame(rows)
+    runs.to_parquet(root / "runs.parquet")
+    if points_file:
+        pd.DataFrame(point_rows).to_parquet(root / "points.parquet")
+    meta = {"name": root.name, "command": ["dpalign", "study", "run", "configs/study.yaml",
+                                           "--out", str(root)],
+            "created": "2025-01-01T00:00:00", "git_revision": "abc1234",
+            "versions": {"torch": "2.13.0+cpu", "dpalign": "0.1.0"},
+            "machine": {"platform": "Linux", "python": "3.11.7", "cpu_count": 2,
+                        "torch_threads": 1},
+            "accountant": "pld",
+            "config": {"grid": {"epsilon": [e for e in recipe.epsilons if math.isfinite(e)],
+                                "k": list(recipe.ks)}, "seeds": list(recipe.seeds)}}
+    (root / "study.json").write_text(json.dumps(meta))
+    return root
