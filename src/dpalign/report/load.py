@@ -1,7 +1,7 @@
 """Read what a report needs from a study directory or a single run directory.
 
 A study directory holds ``study.json``, ``runs.parquet``, ``points.parquet`` (recomputed
-from ``runs.parquet`` with :func:`dpalign.diagnostics.aggregate` when absent) and
+from ``runs.parquet`` with :func:`dpalign.study.store.points_table` when absent) and
 ``runs/<run>/``; a run directory holds ``metrics.jsonl`` (plus ``config.yaml``,
 ``env.json``, ``eval.jsonl``, ``privacy.json``, ``result.json`` when written).
 """
@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dpalign.diagnostics import RunDirError, aggregate, read_rows
+from dpalign.diagnostics import RunDirError, read_rows
+from dpalign.study.store import points_table
 
 __all__ = [
     "ReportInputError",
@@ -78,23 +79,6 @@ def metrics_frame(path: Path) -> pd.DataFrame:
     return frame.apply(pd.to_numeric, errors="coerce").replace([np.inf, -np.inf], np.nan)
 
 
-def _points_from_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """``points.parquet`` rebuilt from the finished runs when the file is missing (as
-    ``dpalign.study.store`` writes it: ``n_runs`` counts finished runs)."""
-    grid = ["point", "mechanism", "epsilon_target", "k", "loss", "lr"]
-    rows = []
-    for _, group in runs.groupby("point", sort=True):
-        ok = group[group["status"] == "ok"] if "status" in group else group
-        first = group.iloc[0]
-        records = [{k: v for k, v in r.items() if k not in grid and k not in ("seed", "run")}
-                   for r in ok.to_dict(orient="records")]
-        row = {name: first[name] for name in grid if name in group}
-        failed = int((group["status"] == "failed").sum()) if "status" in group else 0
-        row |= aggregate(records) | {"n_runs": len(ok), "n_failed": failed}
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
 def _load_logs(path: Path, runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """``metrics.jsonl`` of every run that has one, by run name."""
     logs = {}
@@ -120,7 +104,7 @@ def load_study(path: Path) -> StudyInput:
                                f"(the study has not finished its first run?)")
     runs = _read_parquet(runs_file)
     points_file = path / "points.parquet"
-    points = _read_parquet(points_file) if points_file.exists() else _points_from_runs(runs)
+    points = _read_parquet(points_file) if points_file.exists() else points_table(runs)
     meta = _read_json(path / "study.json") or {}
     return StudyInput(path, meta, runs, points, _load_logs(path, runs))
 

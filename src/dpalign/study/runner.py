@@ -12,7 +12,6 @@ Backends (``BACKENDS``): ``local``, a process pool (spawned workers, each with
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import traceback
@@ -127,8 +126,3 @@ BACKENDS: dict[str, Backend] = {"local": local_backend, "ray": ray_backend}
 def threads_per_run(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
-
-def failed_runs(runs_dir: Path) -> dict[str, str]:
-    """``{run: error}`` for every run directory holding an ``error.json``."""
-    return {p.parent.name: json.loads(p.read_text())["error"]
-            for p in sorted(runs_dir.glob("*/error.json"))}
