@@ -69,8 +69,8 @@ def test_rows_are_chosen_then_rejected_then_corrupt(pairs: list[EncodedPair],
         assert ids == p.prompt + response
         assert labels == response
         assert labelled == list(range(len(p.prompt), len(p.prompt) + len(response)))
-        expected_pixels = p.corrupt[0] if group == 2 else p.pixels[0]  # type: ignore[index]
-        assert torch.equal(batch.pixels[r], expected_pixels)
+        expected_pixels = p.corrupt.pixel_values[0] if group == 2 else p.images.pixel_values[0]  # type: ignore[index]
+        assert torch.equal(batch.images.pixel_values[r], expected_pixels)
         mask = batch.tokens.attention_mask[r]
         real = mask.nonzero().flatten()
         # Padding sits on the requested side only.
@@ -83,7 +83,7 @@ def test_two_rows_per_pair_without_corrupt(pairs: list[EncodedPair],
                                            processor: ProcessorMixin) -> None:
     batch = collate(pairs, _pad(processor))
     assert batch.tokens.input_ids.shape[0] == 2 * B and not batch.with_corrupt
-    assert batch.pixels.shape[0] == 2 * B
+    assert batch.images.pixel_values.shape[0] == 2 * B
 
 
 def test_hardness_comes_from_metadata(pool: list[PreferenceRecord], pairs: list[EncodedPair],
@@ -117,11 +117,11 @@ def test_corrupt_pixels_are_reproducible(pool: list[PreferenceRecord], pairs: li
     for i, (a, b) in enumerate(zip(pairs, again, strict=True)):
         image = Image.open(pool[i].images[0]).convert("RGB")
         expected = pixel_values(processor, [corrupt_image(image, np.random.default_rng([7, i]))])
-        assert torch.equal(a.corrupt, expected)  # type: ignore[arg-type]
-        assert torch.equal(a.corrupt, b.corrupt)  # type: ignore[arg-type]
-    assert any(not torch.equal(a.corrupt, c.corrupt)  # type: ignore[arg-type]
+        assert torch.equal(a.corrupt.pixel_values, expected)  # type: ignore[arg-type]
+        assert torch.equal(a.corrupt.pixel_values, b.corrupt.pixel_values)  # type: ignore[arg-type]
+    assert any(not torch.equal(a.corrupt.pixel_values, c.corrupt.pixel_values)  # type: ignore[arg-type]
                for a, c in zip(pairs, other, strict=True))
-    assert any(not torch.equal(a.corrupt, a.pixels) for a in pairs)  # type: ignore[arg-type]
+    assert any(not torch.equal(a.corrupt.pixel_values, a.images.pixel_values) for a in pairs)  # type: ignore[arg-type]
 
 
 # --- corrupted image ---------------------------------------------------------------------

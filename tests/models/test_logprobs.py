@@ -95,8 +95,8 @@ def test_sequence_logps_equals_manual_log_softmax(vlm: LoadedVLM,
     model, pair = vlm.model, pairs[1]
     batch = pad_batch([pair.prompt], [pair.chosen], _pad_id(vlm))
     with torch.no_grad():
-        got = sequence_logps(model, batch, pair.pixels)
-        logits = model(input_ids=batch.input_ids, pixel_values=pair.pixels).logits[0]
+        got = sequence_logps(model, batch, pair.images.pixel_values)
+        logits = model(input_ids=batch.input_ids, pixel_values=pair.images.pixel_values).logits[0]
     logp = torch.log_softmax(logits.double(), dim=-1)
     start = len(pair.prompt)
     manual = sum(float(logp[start + j - 1, token]) for j, token in enumerate(pair.chosen))
@@ -111,7 +111,7 @@ def test_padded_batch_equals_each_row_alone(vlm: LoadedVLM, records: list[Prefer
     alone (batch of one, no padding), and the response-token counts are
     len(response_ids(text)) of each row's response."""
     model, pad = vlm.model, _pad_id(vlm)
-    rows = [(p.prompt, response, p.pixels) for p in pairs[:4]
+    rows = [(p.prompt, response, p.images.pixel_values) for p in pairs[:4]
             for response in (p.chosen, p.rejected)]
     texts = [text for r in records[:4] for text in (r.chosen, r.rejected)]
     lengths = {len(prompt) + len(response) for prompt, response, _ in rows}
@@ -158,7 +158,7 @@ def test_dropped_image_token_names_the_row_before_the_forward(
     broken.remove(token)
     batch = pad_batch([pairs[0].prompt, broken], [pairs[0].chosen, pairs[1].chosen],
                       _pad_id(vlm))
-    pixels = torch.cat([pairs[0].pixels, pairs[1].pixels])
+    pixels = torch.cat([pairs[0].images.pixel_values, pairs[1].images.pixel_values])
     per_image = sum(t == token for t in pairs[0].prompt)
     calls, handle = _count_forwards(model)
     try:
@@ -178,7 +178,7 @@ def test_two_image_prompt_with_one_image_names_the_row(vlm: LoadedVLM,
     two = PromptEncoder(processor, (64, 64))("Compare the images.", n_images=2)
     prompts = [pairs[0].prompt, pairs[1].prompt, two]
     batch: TokenBatch = pad_batch(prompts, [p.chosen for p in pairs[:3]], _pad_id(vlm))
-    pixels = torch.cat([p.pixels for p in pairs[:3]])
+    pixels = torch.cat([p.images.pixel_values for p in pairs[:3]])
     calls, handle = _count_forwards(model)
     try:
         with pytest.raises(ImageTokenMismatchError, match=r"^row 2: .*1 image\(s\)"):
@@ -188,7 +188,7 @@ def test_two_image_prompt_with_one_image_names_the_row(vlm: LoadedVLM,
     assert calls == []
     # With images_per_row saying two images, the same row passes the check and runs.
     per_row = torch.tensor([1, 1, 2])
-    pixels2 = torch.cat([pixels, pairs[2].pixels])
+    pixels2 = torch.cat([pixels, pairs[2].images.pixel_values])
     with torch.no_grad():
         out = sequence_logps(model, batch, pixels2, per_row)
     assert torch.isfinite(out.total).all() and calls == []

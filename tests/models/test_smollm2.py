@@ -192,10 +192,10 @@ def test_llava_pair_batch_logps_equal_rows_alone(llava: LoadedVLM, small_world: 
     pairs = encode_pairs(records, llava.processor)
     pad = int(llava.processor.tokenizer.pad_token_id)  # type: ignore[attr-defined]
     batch = collate(pairs, pad, side=side)
-    rows = [(p.prompt, p.chosen, p.pixels) for p in pairs]
-    rows += [(p.prompt, p.rejected, p.pixels) for p in pairs]
+    rows = [(p.prompt, p.chosen, p.images.pixel_values) for p in pairs]
+    rows += [(p.prompt, p.rejected, p.images.pixel_values) for p in pairs]
     with torch.no_grad():
-        together = sequence_logps(llava.model, batch.tokens, batch.pixels, batch.images_per_row)
+        together = sequence_logps(llava.model, batch.tokens, batch.images, batch.images_per_row)
         alone = [sequence_logps(llava.model, pad_batch([prompt], [response], pad), pixels)
                  for prompt, response, pixels in rows]
     assert torch.isfinite(together.total).all()

@@ -230,7 +230,7 @@ def test_select_pair_takes_the_pairs_rows_and_images(tiny_model: Path,
         width = b.shape[1]
         assert torch.equal(a[:, :width], b)
         assert a.shape[1] == width or not one.tokens.attention_mask[:, width:].any()
-    assert torch.equal(one.pixels, alone.pixels)
+    assert torch.equal(one.images.pixel_values, alone.images.pixel_values)
     assert torch.equal(one.images_per_row, alone.images_per_row)
 
 

@@ -19,7 +19,8 @@ from transformers import ProcessorMixin
 
 from dpalign.data.corrupt import corrupt_image
 from dpalign.data.schema import PreferenceRecord
-from dpalign.models.encode import PromptEncoder, TokenBatch, pad_batch, pixel_values, response_ids
+from dpalign.models.encode import PromptEncoder, TokenBatch, pad_batch, response_ids
+from dpalign.models.families import ImageInputs, process_images
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class EncodedPair:
     """One record as tokens and pixels.
 
     prompt, chosen, rejected: token ids (responses end with eos).
-    pixels: (n_images, C, H, W); corrupt: (n_images, C, H, W) of m', or None.
+    images: the record's processed images (``ImageInputs``, any VLM family); corrupt: the
+    same for m', or None.
     hardness: the record's hardness score in [0, 1], or None when it has none.
     """
 
@@ -35,20 +37,20 @@ class EncodedPair:
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
-    pixels: Tensor
-    corrupt: Tensor | None
+    images: ImageInputs
+    corrupt: ImageInputs | None
     hardness: float | None
 
 
 @dataclass(frozen=True)
 class PairBatch:
     """B pairs as R = 2B (or 3B) rows: rows [0, B) chosen, [B, 2B) rejected, [2B, 3B) chosen
-    under the corrupted image. pixels: (sum of images per row, C, H, W) in row order;
-    images_per_row: (R,); hardness: (B,) or None."""
+    under the corrupted image. images: every row's images in row order (I = sum of
+    images_per_row); images_per_row: (R,); hardness: (B,) or None."""
 
     ids: list[str]
     tokens: TokenBatch
-    pixels: Tensor
+    images: ImageInputs
     images_per_row: Tensor
     hardness: Tensor | None
     n_pairs: int
@@ -67,19 +69,18 @@ def encode_pairs(records: Sequence[PreferenceRecord], processor: ProcessorMixin,
     ``corrupt_seed`` set, each record also gets its corrupted images, drawn from a
     generator seeded by (corrupt_seed, record position) so they never change on resume."""
     pairs = []
-    encoder: PromptEncoder | None = None
+    encoder = PromptEncoder(processor)
     for i, record in enumerate(records):
         images = [Image.open(p).convert("RGB") for p in record.images]
-        encoder = encoder or PromptEncoder(processor, images[0].size)
         corrupt = None
         if corrupt_seed is not None:
             rng = np.random.default_rng([corrupt_seed, i])
-            corrupt = pixel_values(processor, [corrupt_image(im, rng) for im in images])
+            corrupt = process_images(processor, [corrupt_image(im, rng) for im in images])
         pairs.append(EncodedPair(
-            id=record.id, prompt=encoder(record.prompt, len(images)),
+            id=record.id, prompt=encoder(record.prompt, sizes=[im.size for im in images]),
             chosen=response_ids(processor, record.chosen),
             rejected=response_ids(processor, record.rejected),
-            pixels=pixel_values(processor, images), corrupt=corrupt,
+            images=process_images(processor, images), corrupt=corrupt,
             hardness=_hardness(record, hardness_field)))
     return pairs
 
@@ -89,7 +90,7 @@ def collate(pairs: Sequence[EncodedPair], pad_id: int, *, with_corrupt: bool = F
     """Pad the rows of ``pairs`` into one batch (see ``PairBatch`` for the row order)."""
     if with_corrupt and any(p.corrupt is None for p in pairs):
         raise ValueError("with_corrupt needs pairs encoded with a corrupt_seed")
-    groups = [(p.chosen, p.pixels) for p in pairs] + [(p.rejected, p.pixels) for p in pairs]
+    groups = [(p.chosen, p.images) for p in pairs] + [(p.rejected, p.images) for p in pairs]
     if with_corrupt:
         groups += [(p.chosen, p.corrupt) for p in pairs]  # type: ignore[misc]
     prompts = [p.prompt for p in pairs] * (3 if with_corrupt else 2)
@@ -97,7 +98,7 @@ def collate(pairs: Sequence[EncodedPair], pad_id: int, *, with_corrupt: bool = F
     scores = [p.hardness for p in pairs]
     return PairBatch(
         ids=[p.id for p in pairs], tokens=tokens,
-        pixels=torch.cat([px for _, px in groups]),
-        images_per_row=torch.tensor([px.shape[0] for _, px in groups]),
+        images=ImageInputs.cat([im for _, im in groups]),
+        images_per_row=torch.tensor([len(im) for _, im in groups]),
         hardness=None if None in scores else torch.tensor(scores, dtype=torch.float32),
         n_pairs=len(pairs), with_corrupt=with_corrupt)

@@ -39,6 +39,14 @@ class PairLogps:
         return PairLogps(pick(self.chosen), pick(self.rejected), pick(self.chosen_tokens),
                          pick(self.rejected_tokens), pick(self.chosen_corrupt))
 
+    def to(self, device: torch.device | str) -> PairLogps:
+        """The same log-probs on ``device``."""
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return PairLogps(move(self.chosen), move(self.rejected), move(self.chosen_tokens),
+                         move(self.rejected_tokens), move(self.chosen_corrupt))
+
     def detach(self) -> PairLogps:
         def d(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.detach()

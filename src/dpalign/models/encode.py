@@ -33,22 +33,31 @@ def chat_prompt(processor: ProcessorMixin, prompt: str, n_images: int = 1) -> st
 
 
 class PromptEncoder:
-    """Token ids of templated prompts with image placeholders expanded, cached by prompt.
+    """Token ids of templated prompts with image placeholders expanded, cached per prompt and
+    image sizes.
 
-    Valid for processors whose image-token count does not depend on the image content
-    (LLaVA-1.5 style fixed-size inputs): the expansion is computed once on a blank image.
+    The expansion depends only on image sizes (fixed for LLaVA-1.5, per size for LLaVA-NeXT
+    tiles and Qwen2-VL patches), so it is computed once on blank images of those sizes.
+    ``image_size`` is the size assumed when a call gives none.
     """
 
-    def __init__(self, processor: ProcessorMixin, image_size: tuple[int, int]) -> None:
+    def __init__(self, processor: ProcessorMixin,
+                 image_size: tuple[int, int] | None = None) -> None:
         self.processor = processor
-        self._blank = Image.new("RGB", image_size)
-        self._cache: dict[tuple[str, int], list[int]] = {}
+        self.image_size = image_size
+        self._cache: dict[tuple[str, tuple[tuple[int, int], ...]], list[int]] = {}
 
-    def __call__(self, prompt: str, n_images: int = 1) -> list[int]:
-        key = (prompt, n_images)
+    def __call__(self, prompt: str, n_images: int = 1,
+                 sizes: Sequence[tuple[int, int]] | None = None) -> list[int]:
+        if sizes is None:
+            if self.image_size is None:
+                raise ValueError("PromptEncoder: give the images' sizes (no default size)")
+            sizes = [self.image_size] * n_images
+        key = (prompt, tuple(tuple(s) for s in sizes))
         if key not in self._cache:
-            text = chat_prompt(self.processor, prompt, n_images)
-            enc = self.processor(images=[self._blank] * n_images, text=[text])  # type: ignore[operator]
+            text = chat_prompt(self.processor, prompt, len(sizes))
+            blanks = [Image.new("RGB", tuple(s)) for s in sizes]
+            enc = self.processor(images=[blanks], text=[text])  # type: ignore[operator]
             self._cache[key] = list(enc["input_ids"][0])
         return self._cache[key]
 

@@ -9,11 +9,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import AutoModelForImageTextToText, PreTrainedModel, ProcessorMixin
+
+from dpalign.models.families import family_of
 
 
 class ModelFolderError(FileNotFoundError):
     """The folder is missing or does not hold a transformers model."""
+
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                  "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: the first CUDA GPU when one is visible, else the CPU; other names as torch
+    spells them (``cpu``, ``cuda``, ``cuda:1``)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for but torch sees no CUDA GPU")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU that supports it, else float32; or a name of ``DTYPES``."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; known: auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 @dataclass
@@ -25,12 +52,14 @@ class LoadedVLM:
 
 def load_vlm(path: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu",
              trust_remote_code: bool = False) -> LoadedVLM:
-    """Model (eval mode) and processor saved with ``save_pretrained`` in ``path``."""
+    """Model (eval mode, on ``device``: a torch name or ``auto``) and processor saved with
+    ``save_pretrained`` in ``path``; the processor is loaded the way the model's family
+    needs (``families``)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelFolderError(f"{path}: no config.json here; pass a folder written by "
                                "`save_pretrained` (e.g. one made by `dpalign pretrain`)")
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return LoadedVLM(model.to(device).eval(), processor, path)
+    processor = family_of(model).load_processor(path, trust_remote_code)
+    return LoadedVLM(model.to(resolve_device(device)).eval(), processor, path)

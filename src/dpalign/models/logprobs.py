@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from dpalign.models.encode import IGNORE, TokenBatch
+from dpalign.models.families import ImageInputs, family_of
 
 
 class ImageTokenMismatchError(ValueError):
@@ -55,25 +56,23 @@ def image_tokens(model: torch.nn.Module, pixel_values: Tensor) -> Tensor:
     return features.reshape(len(pixel_values), -1, features.shape[-1])
 
 
-def tokens_per_image(model: torch.nn.Module, pixel_values: Tensor) -> int:
-    """How many placeholder tokens one image of this shape expands to, (1, C, H, W) in."""
-    with torch.no_grad():
-        return int(image_tokens(model, pixel_values[:1]).shape[1])
-
-
 def check_image_tokens(input_ids: Tensor, images_per_row: Tensor, token_id: int,
-                       per_image: int) -> None:
+                       per_image: int | Tensor) -> None:
     """Raise ``ImageTokenMismatchError`` naming the first row whose placeholder count is not
-    ``images_per_row * per_image``. input_ids: (N, L); images_per_row: (N,)."""
-    found = (input_ids == token_id).sum(dim=1)
-    expected = images_per_row * per_image
+    the feature count of its images. input_ids: (N, L); images_per_row: (N,); per_image: the
+    features of each image, (I,) in row order, or one int for all."""
+    found = (input_ids.cpu() == token_id).sum(dim=1)
+    if isinstance(per_image, int):
+        per_image = torch.full((int(images_per_row.sum()),), per_image, dtype=torch.long)
+    rows = torch.arange(len(images_per_row)).repeat_interleave(images_per_row)
+    expected = torch.zeros_like(found).index_add_(0, rows, per_image.to(found.dtype))
     bad = (found != expected).nonzero().flatten()
     if len(bad):
         row = int(bad[0])
         raise ImageTokenMismatchError(
             f"row {row}: {int(found[row])} image tokens in the prompt but its "
-            f"{int(images_per_row[row])} image(s) give {int(expected[row])} features "
-            f"({per_image} per image); the processor does not match the model")
+            f"{int(images_per_row[row])} image(s) give {int(expected[row])} features; "
+            "the processor does not match the model")
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -94,23 +93,71 @@ def token_logps(logits: Tensor, labels: Tensor) -> SequenceLogps:
     return SequenceLogps((picked * mask).sum(dim=1), mask.sum(dim=1).to(picked.dtype))
 
 
-def sequence_logps(model: torch.nn.Module, batch: TokenBatch, pixel_values: Tensor,
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters are."""
+    return next(model.parameters()).device
+
+
+def as_images(images: ImageInputs | Tensor) -> ImageInputs:
+    """``ImageInputs`` as is; a bare (I, C, H, W) ``pixel_values`` tensor (LLaVA-1.5) wrapped."""
+    if isinstance(images, ImageInputs):
+        return images
+    return ImageInputs({"pixel_values": images},
+                       {"pixel_values": torch.ones(len(images), dtype=torch.long)})
+
+
+def forward_inputs(model: torch.nn.Module, batch: TokenBatch,
+                   images: ImageInputs) -> dict[str, Tensor]:
+    """The keyword arguments of ``model(...)`` for these rows and images, on the model's
+    device (floating image tensors in the model's dtype), as the model's family wants them."""
+    family = family_of(model)
+    device = model_device(model)
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    inputs = {"input_ids": ids, "attention_mask": mask, **family.row_inputs(ids, model)}
+    if family.position_ids:
+        inputs["position_ids"] = position_ids(mask)
+    return inputs | images.to(device, model.dtype).tensors
+
+
+def sequence_logps(model: torch.nn.Module, batch: TokenBatch, images: ImageInputs | Tensor,
                    images_per_row: Tensor | None = None) -> SequenceLogps:
-    """Response log-probs of each row. pixel_values: (I, C, H, W), the rows' images in row
-    order; images_per_row: (N,) (default one each)."""
+    """Response log-probs of each row, on the model's device. images: the rows' images in
+    row order (``ImageInputs``, or a LLaVA (I, C, H, W) pixel tensor); images_per_row: (N,)
+    (default one each)."""
+    images = as_images(images)
     n = batch.input_ids.shape[0]
     counts = images_per_row if images_per_row is not None else torch.ones(n, dtype=torch.long)
     check_image_tokens(batch.input_ids, counts, image_token_id(model),
-                       _cached_tokens_per_image(model, pixel_values))
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=position_ids(batch.attention_mask),
-                pixel_values=pixel_values.to(model.dtype))
-    return token_logps(out.logits, batch.labels)
+                       features_per_image(model, images))
+    out = model(**forward_inputs(model, batch, images))
+    return token_logps(out.logits, batch.labels.to(out.logits.device))
 
 
-def _cached_tokens_per_image(model: torch.nn.Module, pixel_values: Tensor) -> int:
-    key = tuple(pixel_values.shape[1:])
-    cache: dict[tuple[int, ...], int] = model.__dict__.setdefault("_dpalign_image_tokens", {})
-    if key not in cache:
-        cache[key] = tokens_per_image(model, pixel_values.to(model.dtype))
-    return cache[key]
+def count_features(features: object) -> int:
+    """How many language-model tokens ``get_image_features`` returned, whatever its form
+    (a tensor (..., D), a per-image tuple/list, or an output object with pooler_output)."""
+    features = getattr(features, "pooler_output", features)
+    if isinstance(features, (list, tuple)):
+        return sum(count_features(f) for f in features)
+    return features.numel() // features.shape[-1]  # type: ignore[union-attr]
+
+
+def _image_key(images: ImageInputs) -> tuple[object, ...]:
+    return tuple((k, tuple(t.shape), tuple(t.flatten().tolist()) if not t.is_floating_point()
+                  and t.numel() <= 16 else None) for k, t in images.tensors.items())
+
+
+def features_per_image(model: torch.nn.Module, images: ImageInputs) -> Tensor:
+    """(I,) image-feature tokens each image becomes, from ``model.get_image_features`` run
+    once per distinct input shape (cached on the model; no gradient)."""
+    cache: dict[tuple[object, ...], int] = model.__dict__.setdefault("_dpalign_image_tokens", {})
+    counts = []
+    for i in range(len(images)):
+        one = images.select([i])
+        key = _image_key(one)
+        if key not in cache:
+            with torch.no_grad():
+                moved = one.to(model_device(model), model.dtype).tensors
+                cache[key] = count_features(model.get_image_features(**moved))
+        counts.append(cache[key])
+    return torch.tensor(counts, dtype=torch.long)

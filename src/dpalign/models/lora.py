@@ -7,13 +7,16 @@ import re
 import peft
 import torch
 
+from dpalign.models.families import family_of
 from dpalign.train.config import LoraConfig
 
 
-def target_pattern(cfg: LoraConfig) -> str:
-    """A peft ``target_modules`` regex: modules named in the list, under ``scope`` if set."""
+def target_pattern(cfg: LoraConfig, scope: str | None = None) -> str:
+    """A peft ``target_modules`` regex: modules named in the list, under ``scope`` if set
+    (``scope`` defaults to ``cfg.scope``)."""
     names = "|".join(re.escape(m) for m in cfg.target_modules)
-    scope = f".*{re.escape(cfg.scope)}" if cfg.scope else ""
+    where = cfg.scope if scope is None else scope
+    scope = f".*{re.escape(where)}" if where else ""
     return rf"{scope}.*\.({names})$" if scope else rf"(.*\.)?({names})$"
 
 
@@ -23,13 +26,14 @@ def prepare_trainable(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Modul
     if not cfg.enabled:
         model.requires_grad_(True)
         return model
+    scope = family_of(model).lm_scope if cfg.scope is None else cfg.scope
     config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                             target_modules=target_pattern(cfg), bias="none")
+                             target_modules=target_pattern(cfg, scope), bias="none")
     try:
         return peft.get_peft_model(model, config)
     except ValueError as exc:
         raise ValueError(f"lora.target_modules {cfg.target_modules} (scope "
-                         f"{cfg.scope!r}) match no module of the model: {exc}") from exc
+                         f"{scope!r}) match no module of the model: {exc}") from exc
 
 
 def merged(model: torch.nn.Module) -> torch.nn.Module:

@@ -6,7 +6,7 @@ tokenizer serves the world's vocabulary and a user's free text.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -31,28 +31,38 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """Train byte-level BPE on ``texts`` and wrap it as a transformers fast tokenizer."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, *,
+                    special_tokens: Sequence[str] = SPECIAL_TOKENS, eos: str = EOS,
+                    pad: str = PAD, image: str = IMAGE, bos: str | None = BOS,
+                    unk: str | None = UNK,
+                    chat_template: str = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+    """Train byte-level BPE on ``texts`` and wrap it as a transformers fast tokenizer.
+
+    ``special_tokens`` get the first ids, in order, and are never split; ``eos``, ``pad``,
+    ``image`` (and ``bos``/``unk`` when they are among them) name the roles. The defaults
+    give the project's own layout; other model families pass theirs (``tiny_families``)."""
     core = Tokenizer(models.BPE(unk_token=None))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     core.train_from_iterator(texts, trainer=trainer)
+    roles = {"bos_token": bos, "unk_token": unk}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
-        pad_token=PAD,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        extra_special_tokens={"image_token": IMAGE},
+        pad_token=pad,
+        eos_token=eos,
+        **{k: v for k, v in roles.items() if v in special_tokens},
+        extra_special_tokens={"image_token": image},
         padding_side="right",
         model_max_length=512,
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE, *ROLE_TOKENS]})
-    tokenizer.chat_template = CHAT_TEMPLATE
+    named = {pad, eos, *(v for v in roles.values() if v)}
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [t for t in special_tokens if t not in named]})
+    tokenizer.chat_template = chat_template
     return tokenizer

@@ -55,7 +55,7 @@ def pair_rows(batch: PairBatch) -> Tensor:
 
 
 def image_rows(batch: PairBatch) -> Tensor:
-    """(I,) the row each image of ``batch.pixels`` belongs to."""
+    """(I,) the row each image of ``batch.images`` belongs to."""
     rows = torch.arange(len(batch.images_per_row))
     return rows.repeat_interleave(batch.images_per_row)
 
@@ -64,14 +64,14 @@ def select_pair(batch: PairBatch, i: int) -> PairBatch:
     """Pair ``i`` alone: its rows, their images and hardness, padding columns dropped."""
     rows = pair_rows(batch)[:, i]
     starts = batch.images_per_row.cumsum(0) - batch.images_per_row
-    pixels = torch.cat([batch.pixels[int(s):int(s) + int(n)]
-                        for s, n in zip(starts[rows], batch.images_per_row[rows], strict=True)])
+    counts = batch.images_per_row
+    index = [j for r in rows for j in range(int(starts[r]), int(starts[r] + counts[r]))]
     tok = batch.tokens
     keep = tok.attention_mask[rows].bool().any(dim=0)
     tokens = TokenBatch(*(t[rows][:, keep] for t in (tok.input_ids, tok.attention_mask,
                                                      tok.labels)))
     hardness = None if batch.hardness is None else batch.hardness[i:i + 1]
-    return replace(batch, ids=[batch.ids[i]], tokens=tokens, pixels=pixels,
+    return replace(batch, ids=[batch.ids[i]], tokens=tokens, images=batch.images.select(index),
                    images_per_row=batch.images_per_row[rows], hardness=hardness, n_pairs=1)
 
 

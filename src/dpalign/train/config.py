@@ -64,8 +64,9 @@ class LoraConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj",
                                                               "o_proj"])
-    scope: str = Field("language_model",
-                       description="only modules whose path contains this; '' = anywhere")
+    scope: str | None = Field(
+        None, description="only modules whose path contains this; '' = anywhere; unset = "
+                          "the model family's language model (language_model, text_model)")
 
 
 class OptimConfig(Section):
@@ -97,6 +98,11 @@ class LoopConfig(Section):
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     log_every: int = Field(1, ge=1)
+    device: str = Field("auto", description="auto (a CUDA GPU if visible, else cpu) | cpu | "
+                                            "cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="model weights: auto = bfloat16 on a GPU that has it, else "
+                            "float32; LoRA adapters stay float32 (peft)")
 
     @model_validator(mode="after")
     def _one_length(self) -> LoopConfig:
@@ -168,6 +174,9 @@ class TrainConfig(Section):
     """Everything ``dpalign train`` needs; ``model`` is a local model folder."""
 
     model: Path
+    trust_remote_code: bool = Field(
+        False, description="run Python code shipped in the model folder (only for folders "
+                           "you trust); off, only transformers' own classes load")
     data: DataConfig
     world: Path | None = None
     loss: LossConfig = LossConfig()

@@ -42,7 +42,7 @@ from dpalign.io import (
 )
 from dpalign.losses import dama_alpha_model, dama_batch_gap, update_running_mean
 from dpalign.losses.base import PairLogps
-from dpalign.models.load import load_vlm
+from dpalign.models.load import load_vlm, resolve_device, resolve_dtype
 from dpalign.models.lora import merged, prepare_trainable
 from dpalign.privacy.accounting import Ledger
 from dpalign.privacy.label_dp import flip_probability, randomized_response
@@ -250,7 +250,9 @@ def prepare(cfg: TrainConfig, out: Path) -> Session:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
-    loaded = load_vlm(cfg.model)
+    device = resolve_device(cfg.train.device)
+    loaded = load_vlm(cfg.model, device=str(device), dtype=resolve_dtype(cfg.train.dtype, device),
+                      trust_remote_code=cfg.trust_remote_code)
     model, processor = loaded.model, loaded.processor
     pad_id = processor.tokenizer.pad_token_id  # type: ignore[attr-defined]
     objective = Objective.from_config(cfg.loss)
@@ -266,9 +268,9 @@ def prepare(cfg: TrainConfig, out: Path) -> Session:
                          hardness_field=cfg.data.hardness_field) if cfg.data.heldout else [])
 
     ref = cached_reference(out / "reference" / "train.safetensors", model, pairs, pad_id,
-                           model_dir=cfg.model, with_corrupt=with_corrupt)
+                           model_dir=cfg.model, with_corrupt=with_corrupt).to(device)
     held_ref = (cached_reference(out / "reference" / "heldout.safetensors", model, held,
-                                 pad_id, model_dir=cfg.model, with_corrupt=False)
+                                 pad_id, model_dir=cfg.model, with_corrupt=False).to(device)
                 if held else None)
     model = prepare_trainable(model, cfg.lora)
     model.train()

@@ -38,8 +38,10 @@ def compute_reference(model: torch.nn.Module, pairs: Sequence[EncodedPair], pad_
                      chosen_corrupt=corrupt)
 
 
-def _key(ids: Sequence[str], model_dir: Path, with_corrupt: bool) -> dict[str, object]:
-    return {"ids": list(ids), "model": str(model_dir.resolve()), "with_corrupt": with_corrupt}
+def _key(ids: Sequence[str], model_dir: Path, with_corrupt: bool,
+         dtype: torch.dtype) -> dict[str, object]:
+    return {"ids": list(ids), "model": str(model_dir.resolve()), "with_corrupt": with_corrupt,
+            "dtype": str(dtype).removeprefix("torch.")}
 
 
 def cached_reference(path: Path, model: torch.nn.Module, pairs: Sequence[EncodedPair],
@@ -47,14 +49,14 @@ def cached_reference(path: Path, model: torch.nn.Module, pairs: Sequence[Encoded
                      batch_size: int = 32) -> PairLogps:
     """Read ``path`` (.safetensors beside a .json key) if it matches these pairs and this
     model, else compute the reference log-probs and write both files atomically."""
-    key = _key([p.id for p in pairs], model_dir, with_corrupt)
+    key = _key([p.id for p in pairs], model_dir, with_corrupt, next(model.parameters()).dtype)
     meta = path.with_suffix(".json")
     if path.is_file() and meta.is_file() and json.loads(meta.read_text()) == key:
         tensors = load_file(str(path))
         return PairLogps(**{f: tensors.get(f) for f in FIELDS})  # type: ignore[arg-type]
     ref = compute_reference(model, pairs, pad_id, with_corrupt=with_corrupt,
                             batch_size=batch_size)
-    tensors = {f: getattr(ref, f).contiguous() for f in FIELDS if getattr(ref, f) is not None}
+    tensors = {f: getattr(ref, f).cpu().contiguous() for f in FIELDS if getattr(ref, f) is not None}
     atomic_write_bytes(path, save(tensors))
     atomic_write_json(meta, key)
     return ref

@@ -22,7 +22,7 @@ from dpalign.train.config import LossConfig
 
 def pair_logps(model: torch.nn.Module, batch: PairBatch) -> PairLogps:
     """Summed response log-probs per pair, each (B,), from one forward over 2B/3B rows."""
-    seq = sequence_logps(model, batch.tokens, batch.pixels, batch.images_per_row)
+    seq = sequence_logps(model, batch.tokens, batch.images, batch.images_per_row)
     b = batch.n_pairs
     return PairLogps(
         chosen=seq.total[:b], rejected=seq.total[b:2 * b],
