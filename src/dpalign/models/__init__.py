@@ -1,0 +1,8 @@
+"""Models: presets, loading, LoRA, sequence log-probs.
+
+Importing the package registers dpalign's own vision towers with the transformers Auto
+classes (``efficientnet_lite``), so ``load_vlm`` and ``from_pretrained`` can read the folders
+that use them.
+"""
+
+from dpalign.models import efficientnet_lite as _registration  # noqa: F401

@@ -4,12 +4,16 @@
 projector and a small Llama language model, with a locally trained tokenizer and a
 ``LlavaProcessor``. It is saved with ``save_pretrained`` and loaded back with the Auto
 classes, the same path a real VLM takes.
+
+``smol`` (``dpalign.models.smol``) is SmolLM2-135M-Instruct under a frozen, pretrained
+EfficientNet-Lite0 and a fresh LLaVA projector, built offline from installed wheels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import (
@@ -49,10 +53,12 @@ class TinyVLMConfig(BaseModel):
 
 @dataclass
 class BuiltModel:
-    """A freshly initialised model and its processor, ready for ``save_pretrained``."""
+    """A freshly built model and its processor, ready for ``save_pretrained``; provenance:
+    where pretrained parts came from (JSON-able, recorded beside the trained model)."""
 
     model: PreTrainedModel
     processor: ProcessorMixin
+    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 def build_tiny(texts: Iterable[str], cfg: TinyVLMConfig, seed: int = 0) -> BuiltModel:
@@ -99,7 +105,16 @@ def build_tiny(texts: Iterable[str], cfg: TinyVLMConfig, seed: int = 0) -> Built
     return BuiltModel(model=model, processor=processor)
 
 
+def build_smol_preset(texts: Iterable[str], seed: int = 0) -> BuiltModel:
+    """The ``smol`` preset (``dpalign.models.smol``); its tokenizer is SmolLM2's, so the
+    world's texts are not needed."""
+    from dpalign.models.smol import build_smol  # SmolLM2 + EfficientNet: heavy, on demand
+
+    return build_smol(seed=seed)
+
+
 PresetBuilder = Callable[[Iterable[str], int], BuiltModel]
 PRESETS: dict[str, PresetBuilder] = {
     "tiny": lambda texts, seed: build_tiny(texts, TinyVLMConfig(), seed),
+    "smol": build_smol_preset,
 }

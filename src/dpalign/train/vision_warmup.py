@@ -12,6 +12,7 @@ Shapes: images (B, C, H, W); patch features (B, P, D) with P = (H / patch)^2.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -97,6 +98,56 @@ def word_token_ids(tokenizer: object, words: list[str]) -> torch.Tensor:
                          for w in words])
 
 
+def token_cells(side: int, grid: int) -> torch.Tensor:
+    """For each token of a side x side feature map (row-major), the index of the grid cell
+    that wholly holds its square of the image, or -1 where the square straddles cells: (P,)."""
+    axis = []
+    for i in range(side):
+        first, last = (i * grid) // side, ((i + 1) * grid - 1) // side
+        axis.append(first if first == last else -1)
+    return torch.tensor([r * grid + c if r >= 0 and c >= 0 else -1
+                         for r in axis for c in axis])
+
+
+def token_labels(labels: torch.Tensor, side: int, grid: int) -> torch.Tensor:
+    """Per-cell labels (N, grid^2) spread to the tokens inside each cell: (N, side^2);
+    tokens that straddle cells get EMPTY (no label)."""
+    cells = token_cells(side, grid)
+    spread = labels[:, cells.clamp(min=0)]
+    spread[:, cells < 0] = EMPTY
+    return spread
+
+
+def ground_image_tokens(tokens_of: Callable[[torch.Tensor], torch.Tensor], n_images: int,
+                        embed: nn.Embedding, params: list[nn.Parameter], cats: torch.Tensor,
+                        cols: torch.Tensor, cat_tokens: torch.Tensor,
+                        col_tokens: torch.Tensor, *, steps: int, batch_size: int, lr: float,
+                        gen: torch.Generator, on_step=None) -> list[dict[str, float]]:
+    """Train ``params`` so that each labelled image token scores its object's name and its
+    colour word highest among all input embeddings, ``logits = token @ E^T`` (see
+    ``align_projector``). tokens_of: image indices (B,) -> image tokens (B, P, D);
+    cats, cols: (N, P) per token, EMPTY = no label."""
+    optim = torch.optim.AdamW(params, lr=lr)
+    log: list[dict[str, float]] = []
+    for step in range(1, steps + 1):
+        idx = torch.randint(n_images, (batch_size,), generator=gen)
+        present = cats[idx] != EMPTY
+        logits = tokens_of(idx)[present] @ embed.weight.T  # (labelled tokens, V)
+        cat_target = cat_tokens[cats[idx][present] - 1]
+        loss = (cross_entropy(logits, cat_target)
+                + cross_entropy(logits, col_tokens[cols[idx][present] - 1]))
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        accuracy = (logits.argmax(-1) == cat_target).float().mean()
+        row = {"align_step": step, "align_loss": float(loss.detach()),
+               "align_accuracy": float(accuracy)}
+        log.append(row)
+        if on_step:
+            on_step(row)
+    return log
+
+
 def align_projector(model: nn.Module, pixels: torch.Tensor, cats: torch.Tensor,
                     cols: torch.Tensor, cat_tokens: torch.Tensor, col_tokens: torch.Tensor, *,
                     steps: int, batch_size: int, lr: float, gen: torch.Generator,
@@ -113,22 +164,7 @@ def align_projector(model: nn.Module, pixels: torch.Tensor, cats: torch.Tensor,
     """
     embed = model.get_input_embeddings()
     projector = model.model.multi_modal_projector
-    optim = torch.optim.AdamW([*projector.parameters(), *embed.parameters()], lr=lr)
-    log: list[dict[str, float]] = []
-    for step in range(1, steps + 1):
-        idx = torch.randint(len(pixels), (batch_size,), generator=gen)
-        logits = image_tokens(model, pixels[idx]) @ embed.weight.T  # (B, P, V)
-        present = cats[idx] != EMPTY
-        flat = logits[present]
-        loss = (cross_entropy(flat, cat_tokens[cats[idx][present] - 1])
-                + cross_entropy(flat, col_tokens[cols[idx][present] - 1]))
-        loss.backward()
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        accuracy = (flat.argmax(-1) == cat_tokens[cats[idx][present] - 1]).float().mean()
-        row = {"align_step": step, "align_loss": float(loss.detach()),
-               "align_accuracy": float(accuracy)}
-        log.append(row)
-        if on_step:
-            on_step(row)
-    return log
+    return ground_image_tokens(
+        lambda idx: image_tokens(model, pixels[idx]), len(pixels), embed,
+        [*projector.parameters(), *embed.parameters()], cats, cols, cat_tokens, col_tokens,
+        steps=steps, batch_size=batch_size, lr=lr, gen=gen, on_step=on_step)
