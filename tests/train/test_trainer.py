@@ -139,6 +139,23 @@ def test_uninterrupted_run_dir(finished: tuple[TrainConfig, TrainResult]) -> Non
     assert first["heldout_reward_margin"] == 0.0  # the base model is its own reference
 
 
+def test_heldout_pairs_evaluates_the_files_first_pairs(
+        make_config: MakeConfig, tmp_path: Path,
+        finished: tuple[TrainConfig, TrainResult]) -> None:
+    """``eval.heldout_pairs: 5`` evaluates the held-out file's first 5 pairs: their reference
+    log-probs are the first 5 of the whole file's (same base model)."""
+    cfg = make_config(train={"steps": 1}, eval={"every": 1, "heldout_pairs": 5},
+                      checkpoint={"every": None})
+    out = train(cfg, tmp_path / "run").out
+    part = load_file(str(out / "reference" / "heldout.safetensors"))
+    whole = load_file(str(finished[1].out / "reference" / "heldout.safetensors"))
+    assert part["chosen"].shape == (5,)
+    for field in ("chosen", "rejected"):
+        torch.testing.assert_close(part[field], whole[field][:5])
+    assert json.loads((out / "reference" / "heldout.json").read_text())["ids"] == [
+        r.id for r in read_preference_jsonl(cfg.data.heldout)[:5]]
+
+
 def test_resume_equals_uninterrupted(make_config: MakeConfig, tmp_path: Path,
                                      finished: tuple[TrainConfig, TrainResult]) -> None:
     """Crash inside step 5 (after the step-4 checkpoint, with step 5 already logged), resume:

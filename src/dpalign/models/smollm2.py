@@ -31,6 +31,7 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PretrainedConfig,
     PreTrainedTokenizerBase,
 )
 
@@ -237,6 +238,35 @@ def llava_processor(tokenizer: PreTrainedTokenizerBase, image_size: int,
     )
 
 
+def llava_on_smollm2(lm_dir: Path, vision: PretrainedConfig, image_seq_length: int, *,
+                     strategy: str, seed: int) -> tuple[LlavaForConditionalGeneration,
+                                                        PreTrainedTokenizerBase]:
+    """A ``LlavaForConditionalGeneration`` (eval mode) whose language model and head are the
+    converted SmolLM2 in ``lm_dir`` (one ``<image>`` embedding row added), under a fresh
+    vision tower built from ``vision`` and a projector, both initialised from ``seed``; with
+    the image-aware tokenizer. Each image is ``image_seq_length`` tokens; ``strategy`` is the
+    LLaVA ``vision_feature_select_strategy``."""
+    tokenizer = image_tokenizer(lm_dir)
+    lm = LlamaForCausalLM.from_pretrained(lm_dir, dtype=torch.float32, use_safetensors=True)
+    grow_embeddings(lm, len(tokenizer))
+    tokenizer.model_max_length = lm.config.max_position_embeddings
+    text_config = lm.config.to_dict()
+    text_config.pop("_name_or_path", None)  # the local folder it was read from
+    config = LlavaConfig(
+        vision_config=vision, text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        image_seq_length=image_seq_length, vision_feature_select_strategy=strategy,
+        vision_feature_layer=-1, tie_word_embeddings=lm.config.tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    copy_weights(lm.model, model.model.language_model)
+    copy_weights(lm.lm_head, model.lm_head)
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, name, getattr(tokenizer, name))
+    return model.eval(), tokenizer
+
+
 def build_llava_on(lm_dir: Path, out: Path, *, image_size: int = 64, patch_size: int = 32,
                    seed: int = 0) -> Path:
     """A LLaVA whose language model is the converted SmolLM2 in ``lm_dir`` (weights copied,
@@ -246,25 +276,9 @@ def build_llava_on(lm_dir: Path, out: Path, *, image_size: int = 64, patch_size:
     if not is_converted(lm_dir):
         raise FileNotFoundError(f"{lm_dir}: not a converted SmolLM2 folder (no {SOURCE_FILE}); "
                                 "make one with convert_smollm2")
-    tokenizer = image_tokenizer(lm_dir)
-    lm = LlamaForCausalLM.from_pretrained(lm_dir, dtype=torch.float32, use_safetensors=True)
-    grow_embeddings(lm, len(tokenizer))
-    tokenizer.model_max_length = lm.config.max_position_embeddings
-    text_config = lm.config.to_dict()
-    text_config.pop("_name_or_path", None)  # the local folder it was read from
-    config = LlavaConfig(
-        vision_config=vision_config(image_size, patch_size), text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
-        image_seq_length=(image_size // patch_size) ** 2,
-        vision_feature_select_strategy="default", vision_feature_layer=-1,
-        tie_word_embeddings=lm.config.tie_word_embeddings,
-    )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    copy_weights(lm.model, model.model.language_model)
-    copy_weights(lm.lm_head, model.lm_head)
-    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        setattr(model.generation_config, name, getattr(tokenizer, name))
+    model, tokenizer = llava_on_smollm2(
+        lm_dir, vision_config(image_size, patch_size), (image_size // patch_size) ** 2,
+        strategy="default", seed=seed)
     processor = llava_processor(tokenizer, image_size, patch_size)
     record = json.loads((lm_dir / SOURCE_FILE).read_text(encoding="utf-8"))
     with atomic_directory(out) as stage:
@@ -272,5 +286,5 @@ def build_llava_on(lm_dir: Path, out: Path, *, image_size: int = 64, patch_size:
         processor.save_pretrained(stage)
         atomic_write_json(stage / LLAVA_FILE, {
             "language_model": record, "image_size": image_size, "patch_size": patch_size,
-            "seed": seed, "image_token_id": config.image_token_index})
+            "seed": seed, "image_token_id": model.config.image_token_index})
     return out

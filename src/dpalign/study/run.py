@@ -31,7 +31,13 @@ from dpalign.io import atomic_write_json, atomic_write_text
 from dpalign.progress import make_progress
 from dpalign.study.config import StudyConfig
 from dpalign.study.grid import Point, expand, train_config
-from dpalign.study.runner import BACKENDS, RunTask, is_finished, threads_per_run
+from dpalign.study.runner import (
+    BACKENDS,
+    RunTask,
+    is_finished,
+    record_failure,
+    threads_per_run,
+)
 from dpalign.study.store import points_table, runs_table, write_parquet
 
 PACKAGES = ("dpalign", "torch", "transformers", "peft", "dp-accounting", "pandas", "ray")
@@ -107,6 +113,8 @@ def run_study(study: StudyConfig, out: str | Path, *, backend: str = "local",
         task_id = bar.add_task(f"study {study.name}", total=len(points),
                                completed=len(points) - len(todo), info="")
         for outcome in (BACKENDS[backend](tasks, workers, address) if tasks else []):
+            if outcome["status"] == "failed":  # the backend's word when the worker died
+                record_failure(out / "runs" / outcome["run"], outcome["error"])
             bar.update(task_id, advance=1, info=f"{outcome['run']} {outcome['status']}")
             if on_run:
                 on_run(outcome)

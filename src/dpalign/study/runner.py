@@ -2,8 +2,9 @@
 
 A run is *finished* when its directory holds ``result.json``; rerunning a study skips
 those, resumes runs that have a ``config.yaml`` (from their last checkpoint; the ledger is
-in it) and starts the rest afresh. A run that raises is recorded in its ``error.json`` (the
-message and traceback) and the others go on; the next invocation tries it again.
+in it) and starts the rest afresh. A run that raises, or whose worker process dies (killed,
+out of memory), is recorded in its ``error.json`` (the message, and the traceback when there
+is one) and the others go on; the next invocation tries it again.
 
 Backends (``BACKENDS``): ``local``, a process pool (spawned workers, each with
 ``cpu_count // workers`` torch threads), and ``ray`` (``ray.init()`` locally, or at
@@ -65,10 +66,16 @@ def run_one(task: RunTask) -> dict[str, Any]:
         return {"run": task.name, "status": "ok", "error": None}
     except Exception as exc:  # one failed run must not stop the study
         message = f"{type(exc).__name__}: {exc}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "error.json",
-                          {"error": message, "traceback": traceback.format_exc()})
+        record_failure(run_dir, message, traceback.format_exc())
         return {"run": task.name, "status": "failed", "error": message}
+
+
+def record_failure(run_dir: Path, message: str, trace: str | None = None) -> None:
+    """Write the run's ``error.json`` (kept if the run already wrote its own)."""
+    if (run_dir / "error.json").is_file() and trace is None:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "error.json", {"error": message, "traceback": trace})
 
 
 Backend = Callable[[Sequence[RunTask], int, "str | None"], Iterator[dict[str, Any]]]
@@ -86,7 +93,9 @@ def local_backend(tasks: Sequence[RunTask], workers: int,
                 yield future.result()
             except Exception as exc:  # the worker process itself died (e.g. out of memory)
                 yield {"run": futures[future].name, "status": "failed",
-                       "error": f"worker died: {type(exc).__name__}: {exc}"}
+                       "error": f"worker died: {type(exc).__name__}: {exc} (killed, e.g. "
+                                "out of memory? try fewer --workers or a smaller "
+                                "eval.batch_size)"}
 
 
 def ray_backend(tasks: Sequence[RunTask], workers: int,

@@ -118,6 +118,8 @@ class EvalConfig(Section):
         True, description="POPE and CHAIR when the run names a world: at every evaluation "
                           "(true), never (false) or only at the last step (end)")
     limit: int | None = Field(100, ge=1, description="images per POPE/CHAIR part")
+    heldout_pairs: int | None = Field(
+        None, ge=1, description="held-out pairs evaluated: the file's first N; None = all")
 
 
 class CheckpointConfig(Section):

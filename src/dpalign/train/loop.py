@@ -264,8 +264,9 @@ def prepare(cfg: TrainConfig, out: Path) -> Session:
     pairs = encode_pairs(records, processor, corrupt_seed=cfg.data.seed if with_corrupt else None,
                          hardness_field=cfg.data.hardness_field)
     _check_inputs(cfg, objective, pairs)
-    held = (encode_pairs(read_preference_jsonl(cfg.data.heldout), processor,
-                         hardness_field=cfg.data.hardness_field) if cfg.data.heldout else [])
+    held = (encode_pairs(read_preference_jsonl(cfg.data.heldout)[:cfg.eval.heldout_pairs],
+                         processor, hardness_field=cfg.data.hardness_field)
+            if cfg.data.heldout else [])
 
     ref = cached_reference(out / "reference" / "train.safetensors", model, pairs, pad_id,
                            model_dir=cfg.model, with_corrupt=with_corrupt).to(device)

@@ -67,29 +67,43 @@ def patch_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return hidden[:, 1:] if drop_cls else hidden
 
 
+def sampled_adamw(params: list[nn.Parameter],
+                  loss_of: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                  n_items: int, names: tuple[str, str, str], *, steps: int, batch_size: int,
+                  lr: float, gen: torch.Generator, on_step=None) -> list[dict[str, float]]:
+    """``steps`` AdamW steps on ``params``, each on ``batch_size`` item indices drawn with
+    replacement from ``range(n_items)`` by ``gen``; ``loss_of(idx (B,)) -> (loss, accuracy)``.
+    Returns one row per step keyed by ``names`` = (step, loss, accuracy)."""
+    optim = torch.optim.AdamW(params, lr=lr)
+    log: list[dict[str, float]] = []
+    for step in range(1, steps + 1):
+        loss, accuracy = loss_of(torch.randint(n_items, (batch_size,), generator=gen))
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        row = dict(zip(names, (step, float(loss.detach()), float(accuracy)), strict=True))
+        log.append(row)
+        if on_step:
+            on_step(row)
+    return log
+
+
 def warm_up_vision(model: nn.Module, pixels: torch.Tensor, cats: torch.Tensor,
                    cols: torch.Tensor, grid: int, *, steps: int, batch_size: int, lr: float,
                    gen: torch.Generator, on_step=None) -> list[dict[str, float]]:
     """Train the vision tower with the cell heads; returns per-step loss and accuracy."""
     tower = model.model.vision_tower
     heads = CellHeads(tower.config.hidden_size)
-    optim = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=lr)
-    log: list[dict[str, float]] = []
-    for step in range(1, steps + 1):
-        idx = torch.randint(len(pixels), (batch_size,), generator=gen)
+
+    def loss_of(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cat_logits, col_logits = heads(pool_cells(patch_features(model, pixels[idx]), grid))
         loss = (cross_entropy(cat_logits.flatten(0, 1), cats[idx].flatten())
                 + cross_entropy(col_logits.flatten(0, 1), cols[idx].flatten()))
-        loss.backward()
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        accuracy = (cat_logits.argmax(-1) == cats[idx]).float().mean()
-        row = {"vision_step": step, "vision_loss": float(loss.detach()),
-               "cell_accuracy": float(accuracy)}
-        log.append(row)
-        if on_step:
-            on_step(row)
-    return log
+        return loss, (cat_logits.argmax(-1) == cats[idx]).float().mean()
+
+    return sampled_adamw([*tower.parameters(), *heads.parameters()], loss_of, len(pixels),
+                         ("vision_step", "vision_loss", "cell_accuracy"), steps=steps,
+                         batch_size=batch_size, lr=lr, gen=gen, on_step=on_step)
 
 
 def word_token_ids(tokenizer: object, words: list[str]) -> torch.Tensor:
@@ -127,25 +141,17 @@ def ground_image_tokens(tokens_of: Callable[[torch.Tensor], torch.Tensor], n_ima
     colour word highest among all input embeddings, ``logits = token @ E^T`` (see
     ``align_projector``). tokens_of: image indices (B,) -> image tokens (B, P, D);
     cats, cols: (N, P) per token, EMPTY = no label."""
-    optim = torch.optim.AdamW(params, lr=lr)
-    log: list[dict[str, float]] = []
-    for step in range(1, steps + 1):
-        idx = torch.randint(n_images, (batch_size,), generator=gen)
+
+    def loss_of(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         present = cats[idx] != EMPTY
         logits = tokens_of(idx)[present] @ embed.weight.T  # (labelled tokens, V)
         cat_target = cat_tokens[cats[idx][present] - 1]
         loss = (cross_entropy(logits, cat_target)
                 + cross_entropy(logits, col_tokens[cols[idx][present] - 1]))
-        loss.backward()
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        accuracy = (logits.argmax(-1) == cat_target).float().mean()
-        row = {"align_step": step, "align_loss": float(loss.detach()),
-               "align_accuracy": float(accuracy)}
-        log.append(row)
-        if on_step:
-            on_step(row)
-    return log
+        return loss, (logits.argmax(-1) == cat_target).float().mean()
+
+    return sampled_adamw(params, loss_of, n_images, ("align_step", "align_loss", "align_accuracy"),
+                         steps=steps, batch_size=batch_size, lr=lr, gen=gen, on_step=on_step)
 
 
 def align_projector(model: nn.Module, pixels: torch.Tensor, cats: torch.Tensor,
