@@ -16,6 +16,7 @@ from dpalign.models.load import LoadedVLM, load_vlm
 from dpalign.models.logprobs import (
     ImageTokenMismatchError,
     image_token_id,
+    logits_needed,
     position_ids,
     sequence_logps,
     token_logps,
@@ -80,6 +81,24 @@ def test_token_logps_equals_a_position_by_position_loop() -> None:
     assert out.tokens.tolist() == counts == [7, 5, 8, 0]
     assert out.total[3] == 0
     torch.testing.assert_close(out.mean[:3], out.total[:3] / out.tokens[:3])
+
+
+def test_logits_needed_keeps_every_scored_position() -> None:
+    """The trailing logits kept start one before the earliest labelled token of any row, and
+    token_logps on just those equals token_logps on all positions."""
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 13, (3, 10), generator=gen)
+    labels[0, :6] = IGNORE  # left-padded row: response at positions 6..9
+    labels[1, :4] = IGNORE  # right-padded row: response 4..7, padding after
+    labels[1, 8:] = IGNORE
+    labels[2, :] = IGNORE
+    assert logits_needed(labels) == 10 - 3  # logit at position 3 predicts label 4
+    assert logits_needed(torch.full((2, 5), IGNORE)) == 1
+    logits = torch.randn(3, 10, 13, generator=gen)
+    keep = logits_needed(labels)
+    part, whole = token_logps(logits[:, -keep:], labels[:, -keep:]), token_logps(logits, labels)
+    torch.testing.assert_close(part.total, whole.total, rtol=0, atol=0)
+    assert part.tokens.tolist() == whole.tokens.tolist() == [4, 4, 0]
 
 
 def test_position_ids_count_only_attended_tokens() -> None:

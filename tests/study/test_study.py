@@ -9,6 +9,8 @@ import math
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from conftest import CrashError, crash_at, without_time
@@ -191,6 +194,45 @@ def test_killed_worker_is_recorded_as_failed_and_retried(small_world: Path, tiny
     again = run_study(study, out)
     assert again.ran == 1 and again.runs["status"].tolist() == ["ok"]
     assert not (started.parent / "error.json").exists()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie awaiting its reaper does not)."""
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_die_with_a_killed_study(small_world: Path, tiny_model: Path,
+                                        tmp_path: Path) -> None:
+    """``dpalign study`` SIGKILLed (as a scheduler's preemption ends it) takes its worker
+    processes with it: none is left training into the run directories."""
+    study = _study(small_world, tiny_model, epsilon=[4.0], k=[8])
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study.model_dump(mode="json")))
+    out = tmp_path / "s"
+    started = out / "runs" / expand(study)[0].name / "config.yaml"
+    cli = [str(Path(sys.executable).parent / "dpalign"), "study", "--config", str(config),
+           "--out", str(out)]
+    parent = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not started.is_file() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        children = [int(pid) for task in Path(f"/proc/{parent.pid}/task").iterdir()
+                    for pid in (task / "children").read_text().split()]
+    finally:
+        parent.kill()
+        parent.wait()
+    assert children, "the study had no worker process"
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in children if _alive(pid)]
+    assert not (started.parent / "result.json").exists()
 
 
 def test_interrupted_study_resumes_to_the_uninterrupted_result(

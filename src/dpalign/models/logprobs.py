@@ -93,6 +93,16 @@ def token_logps(logits: Tensor, labels: Tensor) -> SequenceLogps:
     return SequenceLogps((picked * mask).sum(dim=1), mask.sum(dim=1).to(picked.dtype))
 
 
+def logits_needed(labels: Tensor) -> int:
+    """How many trailing positions' logits ``token_logps`` needs for labels (N, L): from the
+    one before the first labelled token of any row to the end (at least 1). Asking the model
+    for only these (``logits_to_keep``) spares the (N, L, V) logits of the image and prompt
+    tokens, most of a VLM's sequence and, with a large vocabulary, most of its memory."""
+    labelled = (labels[:, 1:] != IGNORE).any(dim=0).nonzero()
+    first = int(labelled[0]) if len(labelled) else labels.shape[1] - 1
+    return labels.shape[1] - first
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where the model's parameters are."""
     return next(model.parameters()).device
@@ -129,8 +139,9 @@ def sequence_logps(model: torch.nn.Module, batch: TokenBatch, images: ImageInput
     counts = images_per_row if images_per_row is not None else torch.ones(n, dtype=torch.long)
     check_image_tokens(batch.input_ids, counts, image_token_id(model),
                        features_per_image(model, images))
-    out = model(**forward_inputs(model, batch, images))
-    return token_logps(out.logits, batch.labels.to(out.logits.device))
+    keep = logits_needed(batch.labels)
+    out = model(**forward_inputs(model, batch, images), logits_to_keep=keep)
+    return token_logps(out.logits, batch.labels[:, -keep:].to(out.logits.device))
 
 
 def count_features(features: object) -> int:

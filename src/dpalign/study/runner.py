@@ -13,8 +13,12 @@ Backends (``BACKENDS``): ``local``, a process pool (spawned workers, each with
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import shutil
+import signal
+import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -24,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from dpalign.io import atomic_write_json
+
+PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -81,12 +87,26 @@ def record_failure(run_dir: Path, message: str, trace: str | None = None) -> Non
 Backend = Callable[[Sequence[RunTask], int, "str | None"], Iterator[dict[str, Any]]]
 
 
+def die_with_parent(parent: int) -> None:
+    """Make this worker process die when the study process does (Linux ``PR_SET_PDEATHSIG``).
+
+    Without it a study killed with SIGTERM (a scheduler's preemption, ``kill``) leaves its
+    workers training on, and the study run again later would write into the same run
+    directories at the same time."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # it died before the call: nobody is left to wait for us
+            os._exit(1)
+
+
 def local_backend(tasks: Sequence[RunTask], workers: int,
                   address: str | None = None) -> Iterator[dict[str, Any]]:
     """Results of ``run_one`` over a spawned process pool, as runs finish."""
     if address is not None:
         raise ValueError("--address is for the ray backend")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                             initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(run_one, task): task for task in tasks}
         for future in as_completed(futures):
             try:
