@@ -9,6 +9,8 @@ passed in explicitly (e.g. DAMA's running reward-gap mean).
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +56,15 @@ class PairLogps:
         return PairLogps(d(self.chosen), d(self.rejected), d(self.chosen_tokens),
                          d(self.rejected_tokens), d(self.chosen_corrupt))
 
+    @staticmethod
+    def cat(parts: Sequence[PairLogps]) -> PairLogps:
+        """The pairs of ``parts`` one after another: (B1 + B2 + ...,) each field."""
+        def join(name: str) -> Tensor | None:
+            fields = [getattr(p, name) for p in parts]
+            return None if fields[0] is None else torch.cat(fields)
+
+        return PairLogps(*(join(f.name) for f in dataclasses.fields(PairLogps)))
+
 
 @dataclass(frozen=True)
 class LossOut:
@@ -63,6 +74,12 @@ class LossOut:
 
     per_example: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def cat(parts: Sequence[LossOut]) -> LossOut:
+        """The pairs of ``parts`` one after another (per_example and every metric)."""
+        return LossOut(torch.cat([p.per_example for p in parts]),
+                       {k: torch.cat([p.metrics[k] for p in parts]) for k in parts[0].metrics})
 
 
 def implicit_rewards(policy: PairLogps, ref: PairLogps, beta: float) -> tuple[Tensor, Tensor]:

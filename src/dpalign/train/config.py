@@ -95,6 +95,10 @@ class LoopConfig(Section):
     steps: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="pairs per forward/backward: a batch (a Poisson-sampled one "
+                                "too) is run in chunks of this many pairs and their gradients "
+                                "summed; the same update in less memory. None = whole batch")
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     log_every: int = Field(1, ge=1)

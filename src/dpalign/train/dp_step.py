@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from dpalign.data.collate import EncodedPair, collate
-from dpalign.losses.base import PairLogps
+from dpalign.losses.base import LossOut, PairLogps
 from dpalign.privacy.accounting import (
     Ledger,
     LedgerEntry,
@@ -44,7 +44,7 @@ from dpalign.privacy.dp_sgd import (
 from dpalign.privacy.per_pair import Engine
 from dpalign.privacy.sampling import poisson_batch, shuffled_batch
 from dpalign.train.config import PrivacyConfig
-from dpalign.train.step import Objective
+from dpalign.train.step import Objective, chunks
 
 SEEDED_NOTICE = ("noise drawn from a seeded generator: reproducible for research, NOT for "
                  "deployment (set privacy.secure_noise=true)")
@@ -114,12 +114,32 @@ def _step_seed(noise_seed: int, step: int) -> int:
     return int(np.random.SeedSequence([noise_seed, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def chunked_grads(engine: Engine, pairs: Sequence[EncodedPair], idx: list[int], ref: PairLogps,
+                  objective: Objective, pad_id: int, micro_batch: int | None
+                  ) -> tuple[dict[str, torch.Tensor], LossOut]:
+    """Per-pair gradients ``{name: (B, *shape)}`` and the ``LossOut`` of pairs ``idx``
+    (B = len(idx)), from ``engine`` run on consecutive chunks of at most ``micro_batch``
+    pairs. A pair's gradient depends on that pair alone, so the chunks give the same rows as
+    one batch; only the memory of one chunk's forward and backward is needed at a time."""
+    # DAMA's model-aware factor mixes pairs of one batch; under DP it is held at 1.
+    alpha = 1.0 if objective.spec.needs_alpha_model else None
+    parts = []
+    for part in chunks(len(idx), micro_batch):
+        batch = collate([pairs[i] for i in idx[part]], pad_id,
+                        with_corrupt=objective.spec.needs_corrupt)
+        parts.append(engine(batch, ref.index(torch.tensor(idx[part])), objective,
+                            batch.hardness, alpha))
+    grads = {name: torch.cat([g[name] for g, _ in parts]) for name in engine.params}
+    return grads, LossOut.cat([out for _, out in parts])
+
+
 def dp_update(engine: Engine, pairs: Sequence[EncodedPair], ref: PairLogps,
               units: list[list[int]], objective: Objective, plan: PrivacyPlan,
               cfg: PrivacyConfig, *, step: int, seed: int, pad_id: int,
-              state: dict[str, Any]) -> dict[str, Any]:
+              state: dict[str, Any], micro_batch: int | None = None) -> dict[str, Any]:
     """Set ``.grad`` of the trainable parameters to the noisy clipped mean for batch
-    ``step`` (1-based) and extend ``state['ledger']``; returns the step's metrics."""
+    ``step`` (1-based) and extend ``state['ledger']``; returns the step's metrics. The
+    batch's per-pair gradients are taken ``micro_batch`` pairs at a time."""
     n = len(units)
     sampled = (poisson_batch(n, plan.sample_rate, seed, step - 1) if cfg.sampling == "poisson"
                else shuffled_batch(n, int(plan.expected_batch), seed, step - 1))
@@ -130,11 +150,7 @@ def dp_update(engine: Engine, pairs: Sequence[EncodedPair], ref: PairLogps,
     named = engine.params
     metrics: dict[str, Any] = {"loss": None}
     if idx:
-        batch = collate([pairs[i] for i in idx], pad_id,
-                        with_corrupt=objective.spec.needs_corrupt)
-        # DAMA's model-aware factor mixes pairs of one batch; under DP it is held at 1.
-        grads, out = engine(batch, ref.index(torch.tensor(idx)), objective, batch.hardness,
-                            1.0 if objective.spec.needs_alpha_model else None)
+        grads, out = chunked_grads(engine, pairs, idx, ref, objective, pad_id, micro_batch)
         if cfg.unit == "user":
             grads, _ = group_by_unit(grads, owner)
         metrics = {"loss": float(out.per_example.mean()),

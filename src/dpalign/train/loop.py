@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import yaml
 
-from dpalign.data.collate import EncodedPair, collate, encode_pairs
+from dpalign.data.collate import EncodedPair, PairBatch, collate, encode_pairs
 from dpalign.data.fewshot import few_shot
 from dpalign.data.records import read_preference_jsonl
 from dpalign.data.sampling import batch_indices, steps_per_epoch
@@ -41,7 +41,7 @@ from dpalign.io import (
     read_jsonl,
 )
 from dpalign.losses import dama_alpha_model, dama_batch_gap, update_running_mean
-from dpalign.losses.base import PairLogps
+from dpalign.losses.base import LossOut, PairLogps
 from dpalign.models.load import load_vlm, resolve_device, resolve_dtype
 from dpalign.models.lora import merged, prepare_trainable
 from dpalign.privacy.accounting import Ledger
@@ -60,7 +60,7 @@ from dpalign.train.dp_step import (
 )
 from dpalign.train.optim import build_optimizer
 from dpalign.train.reference import cached_reference, compute_reference
-from dpalign.train.step import Objective, pair_logps, step_metrics
+from dpalign.train.step import Objective, chunks, pair_logps, step_metrics
 
 StepHook = Callable[[dict[str, Any]], None]
 
@@ -212,30 +212,48 @@ class Session:
         cfg = self.cfg
         row = dp_update(self.engine, self.pairs, self.ref, self.units, self.objective,  # type: ignore[arg-type]
                         self.plan, cfg.privacy, step=step, seed=cfg.train.seed,  # type: ignore[arg-type]
-                        pad_id=self.pad_id, state=state)
+                        pad_id=self.pad_id, state=state,
+                        micro_batch=cfg.train.micro_batch_size)
         accounted = step % cfg.privacy.account_every == 0 or step == self.total
         return {**row, "epsilon": spent_epsilon(state, cfg.privacy) if accounted else None}
 
     def _plain_grads(self, step: int, state: dict[str, Any]) -> dict[str, Any]:
-        """Backward of the batch-mean loss, clipped to ``optim.max_grad_norm``; metrics."""
+        """Backward of the batch-mean loss (``train.micro_batch_size`` pairs at a time, the
+        gradients summed), clipped to ``optim.max_grad_norm``; metrics."""
         cfg, objective = self.cfg, self.objective
         idx = batch_indices(len(self.pairs), cfg.train.batch_size, cfg.train.seed, step - 1)
-        batch = collate([self.pairs[i] for i in idx], self.pad_id,
-                        with_corrupt=objective.spec.needs_corrupt)
-        policy = pair_logps(self.model, batch)
-        batch_ref = self.ref.index(torch.tensor(idx))
-        alpha = None
-        if objective.spec.needs_alpha_model:
-            gap = dama_batch_gap(policy.detach(), batch_ref)
-            alpha = dama_alpha_model(gap, state["dama_running_mean"])
-            state["dama_running_mean"] = update_running_mean(
-                state["dama_running_mean"], gap, objective.params.momentum)  # type: ignore[attr-defined]
-        result = objective(policy, batch_ref, hardness=batch.hardness, alpha_model=alpha)
-        result.per_example.mean().backward()
+        parts = [(collate([self.pairs[i] for i in idx[part]], self.pad_id,
+                          with_corrupt=objective.spec.needs_corrupt),
+                  self.ref.index(torch.tensor(idx[part])))
+                 for part in chunks(len(idx), cfg.train.micro_batch_size)]
+        first = pair_logps(self.model, parts[0][0])
+        alpha = self._dama_alpha(first, parts, state) if objective.spec.needs_alpha_model else None
+        results, policies = [], []
+        for k, (batch, batch_ref) in enumerate(parts):
+            policy = first if k == 0 else pair_logps(self.model, batch)
+            result = objective(policy, batch_ref, hardness=batch.hardness, alpha_model=alpha)
+            (result.per_example.sum() / len(idx)).backward()
+            results.append(LossOut(result.per_example.detach(), result.metrics))
+            policies.append(policy.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params,
                                                    cfg.optim.max_grad_norm or math.inf)
         return {"epoch": (step - 1) // steps_per_epoch(len(self.pairs), cfg.train.batch_size),
-                **step_metrics(result, policy, batch_ref), "grad_norm": float(grad_norm)}
+                **step_metrics(LossOut.cat(results), PairLogps.cat(policies),
+                               PairLogps.cat([ref for _, ref in parts])),
+                "grad_norm": float(grad_norm)}
+
+    def _dama_alpha(self, first: PairLogps, parts: list[tuple[PairBatch, PairLogps]],
+                    state: dict[str, Any]) -> torch.Tensor:
+        """DAMA's model-aware factor from the whole batch's reward gap (the later chunks'
+        policy log-probs taken without a graph), advancing the running mean in ``state``."""
+        with torch.no_grad():
+            rest = [pair_logps(self.model, batch) for batch, _ in parts[1:]]
+        gap = dama_batch_gap(PairLogps.cat([first.detach(), *rest]),
+                             PairLogps.cat([ref for _, ref in parts]))
+        alpha = dama_alpha_model(gap, state["dama_running_mean"])
+        state["dama_running_mean"] = update_running_mean(
+            state["dama_running_mean"], gap, self.objective.params.momentum)  # type: ignore[attr-defined]
+        return alpha
 
 
 def initial_state() -> dict[str, Any]:

@@ -79,3 +79,9 @@ def step_metrics(out: LossOut, policy: PairLogps, ref: PairLogps) -> dict[str, f
         values |= {"logp_chosen": policy.chosen.mean(), "logp_rejected": policy.rejected.mean(),
                    "kl_proxy": kl_proxy(policy, ref).mean()}
         return {k: float(v) for k, v in values.items()}
+
+
+def chunks(n: int, size: int | None) -> list[slice]:
+    """``range(n)`` cut into consecutive slices of at most ``size`` (one slice when None)."""
+    size = size or max(n, 1)
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
