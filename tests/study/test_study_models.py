@@ -4,6 +4,7 @@ study presets load and expand to the grids their comments promise."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -67,11 +68,36 @@ def test_an_unknown_name_lists_the_presets(tmp_path: Path, recorded: list[tuple]
     assert recorded == []
 
 
-def test_with_model_replaces_only_the_model(tmp_path: Path, recorded: list[tuple]) -> None:
+def _pretrained(folder: Path, preset: str) -> Path:
+    """A folder as ``dpalign pretrain --preset PRESET`` leaves it (the parts read here)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "pretrain.json").write_text(json.dumps({"config": {"preset": preset}}))
+    return folder
+
+
+def test_with_model_adds_the_presets_align_settings(tmp_path: Path,
+                                                    recorded: list[tuple]) -> None:
+    """smol's ``Recipe.align`` (micro-batches of 4 pairs) goes under the study's base, for the
+    preset's name and for a folder pretrained from it; the rest of the study is unchanged
+    and a setting the study makes itself wins. A tiny model gets nothing."""
     study = load_study(preset_path("quickstart"))
+    _pretrained(tmp_path / "base-smol", "smol")
     changed = with_model(study, "smol", tmp_path)
     assert changed.model == tmp_path / "base-smol"
-    assert changed.model_dump(exclude={"model"}) == study.model_dump(exclude={"model"})
+    assert changed.base["train"] == {**study.base["train"], "micro_batch_size": 4}
+    assert changed.model_dump(exclude={"model", "base"}) == study.model_dump(
+        exclude={"model", "base"})
+    assert {k: v for k, v in changed.base.items() if k != "train"} == {
+        k: v for k, v in study.base.items() if k != "train"}
+    assert train_config(changed, expand(changed)[0]).train.micro_batch_size == 4
+
+    folder = _pretrained(tmp_path / "elsewhere", "smol")
+    assert with_model(study, folder, tmp_path).base["train"]["micro_batch_size"] == 4
+    own = load_study(preset_path("quickstart"), ["base.train.micro_batch_size=2"])
+    assert with_model(own, folder, tmp_path).base["train"]["micro_batch_size"] == 2
+    tiny = _pretrained(tmp_path / "tiny-base", "tiny")
+    assert with_model(study, tiny, tmp_path).base == study.base
 
 
 def test_packaged_presets_load_and_expand(small_world: Path) -> None:
