@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import peft
 import torch
@@ -30,7 +31,10 @@ def prepare_trainable(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Modul
     config = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                              target_modules=target_pattern(cfg, scope), bias="none")
     try:
-        return peft.get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft reads a property transformers 5 deprecates
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
+                                    category=FutureWarning)
+            return peft.get_peft_model(model, config)
     except ValueError as exc:
         raise ValueError(f"lora.target_modules {cfg.target_modules} (scope "
                          f"{scope!r}) match no module of the model: {exc}") from exc
