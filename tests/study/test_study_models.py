@@ -76,12 +76,12 @@ def _pretrained(folder: Path, preset: str) -> Path:
     return folder
 
 
-def test_with_model_adds_the_presets_align_settings(tmp_path: Path,
+def test_with_model_adds_the_presets_align_settings(tmp_path: Path, small_world: Path,
                                                     recorded: list[tuple]) -> None:
     """smol's ``Recipe.align`` (micro-batches of 4 pairs) goes under the study's base, for the
     preset's name and for a folder pretrained from it; the rest of the study is unchanged
     and a setting the study makes itself wins. A tiny model gets nothing."""
-    study = load_study(preset_path("quickstart"))
+    study = load_study(preset_path("quickstart"), [f"world={small_world}"])
     _pretrained(tmp_path / "base-smol", "smol")
     changed = with_model(study, "smol", tmp_path)
     assert changed.model == tmp_path / "base-smol"
@@ -94,7 +94,8 @@ def test_with_model_adds_the_presets_align_settings(tmp_path: Path,
 
     folder = _pretrained(tmp_path / "elsewhere", "smol")
     assert with_model(study, folder, tmp_path).base["train"]["micro_batch_size"] == 4
-    own = load_study(preset_path("quickstart"), ["base.train.micro_batch_size=2"])
+    own = load_study(preset_path("quickstart"),
+                     [f"world={small_world}", "base.train.micro_batch_size=2"])
     assert with_model(own, folder, tmp_path).base["train"]["micro_batch_size"] == 2
     tiny = _pretrained(tmp_path / "tiny-base", "tiny")
     assert with_model(study, tiny, tmp_path).base == study.base
