@@ -12,12 +12,11 @@ a folder that ``dpalign pretrain`` wrote from a preset, unless the study sets th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dpalign.config import ConfigError, deep_merge, nest_dotted
 from dpalign.study.config import StudyConfig
-from dpalign.train.pretrain import RECIPES, default_config, pretrain
+from dpalign.train.pretrain import RECIPES, default_config, pretrain, read_record
 from dpalign.world.build import build_world
 from dpalign.world.config import WorldConfig
 
@@ -47,18 +46,11 @@ def resolve_model(spec: str | Path, world: Path, out: Path) -> Path:
     return pretrain(world, preset_model_dir(out, name), default_config(name)).out
 
 
-def pretrained_preset(model_dir: Path) -> str | None:
-    """The preset a folder was pretrained from (its ``pretrain.json``), if any."""
-    record = Path(model_dir) / "pretrain.json"
-    if not record.is_file():
-        return None
-    return json.loads(record.read_text()).get("config", {}).get("preset")
-
-
 def with_model(study: StudyConfig, spec: str | Path, out: Path) -> StudyConfig:
     """``study`` aligning the model ``spec`` resolves to (see ``resolve_model``), with its
     preset's ``Recipe.align`` settings under the study's own."""
     model = resolve_model(spec, study.world, out)
-    recipe = RECIPES.get(pretrained_preset(model) or "")
+    record = read_record(model) or {}
+    recipe = RECIPES.get(record.get("config", {}).get("preset", ""))
     align = nest_dotted(dict(recipe.align)) if recipe else {}
     return study.model_copy(update={"model": model, "base": deep_merge(align, study.base)})

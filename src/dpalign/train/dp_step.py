@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dpalign.data.collate import EncodedPair, collate
+from dpalign.data.collate import EncodedPair
 from dpalign.losses.base import LossOut, PairLogps
 from dpalign.privacy.accounting import (
     Ledger,
@@ -44,7 +44,7 @@ from dpalign.privacy.dp_sgd import (
 from dpalign.privacy.per_pair import Engine
 from dpalign.privacy.sampling import poisson_batch, shuffled_batch
 from dpalign.train.config import PrivacyConfig
-from dpalign.train.step import Objective, chunks
+from dpalign.train.step import Objective, chunk_batches
 
 SEEDED_NOTICE = ("noise drawn from a seeded generator: reproducible for research, NOT for "
                  "deployment (set privacy.secure_noise=true)")
@@ -123,12 +123,9 @@ def chunked_grads(engine: Engine, pairs: Sequence[EncodedPair], idx: list[int], 
     one batch; only the memory of one chunk's forward and backward is needed at a time."""
     # DAMA's model-aware factor mixes pairs of one batch; under DP it is held at 1.
     alpha = 1.0 if objective.spec.needs_alpha_model else None
-    parts = []
-    for part in chunks(len(idx), micro_batch):
-        batch = collate([pairs[i] for i in idx[part]], pad_id,
-                        with_corrupt=objective.spec.needs_corrupt)
-        parts.append(engine(batch, ref.index(torch.tensor(idx[part])), objective,
-                            batch.hardness, alpha))
+    parts = [engine(batch, batch_ref, objective, batch.hardness, alpha)
+             for batch, batch_ref in chunk_batches(pairs, idx, ref, pad_id, size=micro_batch,
+                                                   with_corrupt=objective.spec.needs_corrupt)]
     grads = {name: torch.cat([g[name] for g, _ in parts]) for name in engine.params}
     return grads, LossOut.cat([out for _, out in parts])
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import yaml
 
-from dpalign.data.collate import EncodedPair, PairBatch, collate, encode_pairs
+from dpalign.data.collate import EncodedPair, PairBatch, encode_pairs
 from dpalign.data.fewshot import few_shot
 from dpalign.data.records import read_preference_jsonl
 from dpalign.data.sampling import batch_indices, steps_per_epoch
@@ -60,7 +60,7 @@ from dpalign.train.dp_step import (
 )
 from dpalign.train.optim import build_optimizer
 from dpalign.train.reference import cached_reference, compute_reference
-from dpalign.train.step import Objective, chunks, pair_logps, step_metrics
+from dpalign.train.step import Objective, chunk_batches, pair_logps, step_metrics
 
 StepHook = Callable[[dict[str, Any]], None]
 
@@ -222,34 +222,34 @@ class Session:
         gradients summed), clipped to ``optim.max_grad_norm``; metrics."""
         cfg, objective = self.cfg, self.objective
         idx = batch_indices(len(self.pairs), cfg.train.batch_size, cfg.train.seed, step - 1)
-        parts = [(collate([self.pairs[i] for i in idx[part]], self.pad_id,
-                          with_corrupt=objective.spec.needs_corrupt),
-                  self.ref.index(torch.tensor(idx[part])))
-                 for part in chunks(len(idx), cfg.train.micro_batch_size)]
+        parts = chunk_batches(self.pairs, idx, self.ref, self.pad_id,
+                              with_corrupt=objective.spec.needs_corrupt,
+                              size=cfg.train.micro_batch_size)
+        batch_ref = self.ref.index(torch.tensor(idx))
         first = pair_logps(self.model, parts[0][0])
-        alpha = self._dama_alpha(first, parts, state) if objective.spec.needs_alpha_model else None
+        alpha = (self._dama_alpha(first, [b for b, _ in parts[1:]], batch_ref, state)
+                 if objective.spec.needs_alpha_model else None)
         results, policies = [], []
-        for k, (batch, batch_ref) in enumerate(parts):
+        for k, (batch, part_ref) in enumerate(parts):
             policy = first if k == 0 else pair_logps(self.model, batch)
-            result = objective(policy, batch_ref, hardness=batch.hardness, alpha_model=alpha)
+            result = objective(policy, part_ref, hardness=batch.hardness, alpha_model=alpha)
             (result.per_example.sum() / len(idx)).backward()
             results.append(LossOut(result.per_example.detach(), result.metrics))
             policies.append(policy.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params,
                                                    cfg.optim.max_grad_norm or math.inf)
         return {"epoch": (step - 1) // steps_per_epoch(len(self.pairs), cfg.train.batch_size),
-                **step_metrics(LossOut.cat(results), PairLogps.cat(policies),
-                               PairLogps.cat([ref for _, ref in parts])),
+                **step_metrics(LossOut.cat(results), PairLogps.cat(policies), batch_ref),
                 "grad_norm": float(grad_norm)}
 
-    def _dama_alpha(self, first: PairLogps, parts: list[tuple[PairBatch, PairLogps]],
+    def _dama_alpha(self, first: PairLogps, rest: list[PairBatch], batch_ref: PairLogps,
                     state: dict[str, Any]) -> torch.Tensor:
-        """DAMA's model-aware factor from the whole batch's reward gap (the later chunks'
-        policy log-probs taken without a graph), advancing the running mean in ``state``."""
+        """DAMA's model-aware factor from the whole batch's reward gap (``first`` chunk's
+        policy log-probs, the ``rest`` taken without a graph; ``batch_ref`` the whole
+        batch's), advancing the running mean in ``state``."""
         with torch.no_grad():
-            rest = [pair_logps(self.model, batch) for batch, _ in parts[1:]]
-        gap = dama_batch_gap(PairLogps.cat([first.detach(), *rest]),
-                             PairLogps.cat([ref for _, ref in parts]))
+            later = [pair_logps(self.model, batch) for batch in rest]
+        gap = dama_batch_gap(PairLogps.cat([first.detach(), *later]), batch_ref)
         alpha = dama_alpha_model(gap, state["dama_running_mean"])
         state["dama_running_mean"] = update_running_mean(
             state["dama_running_mean"], gap, self.objective.params.momentum)  # type: ignore[attr-defined]

@@ -310,12 +310,15 @@ def _fingerprint(cfg: BaseModel, world: World) -> dict[str, object]:
             "world_config": world.manifest["config"]}
 
 
-def _is_complete(out: Path, fingerprint: dict[str, object]) -> bool:
-    meta = out / "pretrain.json"
-    if not meta.is_file():
-        return False
-    saved = json.loads(meta.read_text())
-    return {k: saved.get(k) for k in fingerprint} == fingerprint
+def read_record(out: Path) -> dict[str, Any] | None:
+    """The ``pretrain.json`` of a folder ``pretrain`` wrote (config with its ``preset``,
+    fingerprint, losses, timings), or None where there is none."""
+    meta = Path(out) / "pretrain.json"
+    return json.loads(meta.read_text()) if meta.is_file() else None
+
+
+def _is_complete(saved: dict[str, Any] | None, fingerprint: dict[str, object]) -> bool:
+    return saved is not None and {k: saved.get(k) for k in fingerprint} == fingerprint
 
 
 def pretrain(world_dir: str | Path, out: str | Path, cfg: AnyPretrainConfig, *,
@@ -326,8 +329,8 @@ def pretrain(world_dir: str | Path, out: str | Path, cfg: AnyPretrainConfig, *,
     world = World.load(world_dir)
     fingerprint = _fingerprint(cfg, world)
     if out.exists() and not force:
-        if _is_complete(out, fingerprint):
-            meta = json.loads((out / "pretrain.json").read_text())
+        meta = read_record(out)
+        if _is_complete(meta, fingerprint):
             return PretrainResult(out, False, meta["first_loss"], meta["last_loss"],
                                   meta["wall_seconds"])
         if any(out.iterdir()):

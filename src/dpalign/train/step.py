@@ -7,12 +7,13 @@ policy and reference log-probs into the per-pair loss (plus the optional SFT ter
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from dpalign.data.collate import PairBatch
+from dpalign.data.collate import EncodedPair, PairBatch, collate
 from dpalign.losses import LossSpec, get_loss, token_means, with_sft
 from dpalign.losses.base import LossOut, PairLogps
 from dpalign.losses.params import LossParams
@@ -85,3 +86,11 @@ def chunks(n: int, size: int | None) -> list[slice]:
     """``range(n)`` cut into consecutive slices of at most ``size`` (one slice when None)."""
     size = size or max(n, 1)
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def chunk_batches(pairs: Sequence[EncodedPair], idx: list[int], ref: PairLogps, pad_id: int, *,
+                  with_corrupt: bool, size: int | None) -> list[tuple[PairBatch, PairLogps]]:
+    """Pairs ``idx`` collated ``size`` at a time (``chunks``), each chunk with the reference
+    log-probs of its pairs (``ref`` holds every pair's, indexed like ``pairs``)."""
+    return [(collate([pairs[i] for i in idx[part]], pad_id, with_corrupt=with_corrupt),
+             ref.index(torch.tensor(idx[part]))) for part in chunks(len(idx), size)]
