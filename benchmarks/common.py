@@ -77,12 +77,20 @@ def start(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def session_config(model_dir: Path, pool: Path, *, lora: bool, batch_size: int, steps: int,
                    privacy: dict[str, Any] | None = None) -> TrainConfig:
-    """Sigmoid DPO (beta 0.1), AdamW at a constant lr, no evaluation of the world."""
+    """Sigmoid DPO (beta 0.1), AdamW at a constant lr, no evaluation of the world.
+
+    ``steps`` is how many steps will be taken (warm-up and timed). The run is configured
+    for one more, and with DP its accountant reports only at that extra step: a session
+    computes epsilon at its last step and every ``privacy.account_every`` steps (~0.15 s
+    on the tiny model), which would otherwise land in a timed step (always the last one)
+    and which the peers (Opacus, TRL) do not do."""
+    if privacy and privacy.get("enabled"):
+        privacy = {"account_every": steps + 1, **privacy}
     return TrainConfig.model_validate({
         "model": model_dir, "data": {"train": pool},
         "loss": {"name": "dpo", "beta": 0.1}, "lora": {"enabled": lora},
         "optim": {"lr": 1e-4, "schedule": "constant"},
-        "train": {"steps": steps, "batch_size": batch_size},
+        "train": {"steps": steps + 1, "batch_size": batch_size},
         "eval": {"world": False}, "privacy": privacy or {"enabled": False}})
 
 

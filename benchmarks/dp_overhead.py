@@ -7,7 +7,8 @@ pretrained by ``common.fixtures``) and the same preference pairs, in one process
 (b) ``Session.step`` with ``privacy: {enabled, noise_multiplier: 1, sampling: shuffle}``
     (exactly ``batch_size`` pairs per step); per-pair engine "hooks" for LoRA and "loop"
     for full fine-tuning (hooks only covers ``nn.Linear``; full fine-tuning also trains the
-    tied embedding, norms and the vision patch conv);
+    tied embedding, norms and the vision patch conv); its epsilon accounting is kept out of
+    the timed steps (``common.session_config``), as (c) does none;
 (c) Opacus ``GradSampleModule`` per-row gradients summed per pair, then the same clip,
     noise and AdamW step (``opacus_peer.py``).
 
@@ -33,6 +34,7 @@ import os
 import sys
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -52,10 +54,11 @@ from common import (
 from opacus_peer import opacus_dp_step, opacus_per_pair, wrap
 
 from dpalign.data.collate import collate
-from dpalign.privacy.per_pair import per_pair_grads
+from dpalign.privacy.per_pair import make_engine, per_pair_grads
 from dpalign.privacy.sampling import shuffled_batch
 from dpalign.train.config import TrainConfig
 from dpalign.train.loop import Session, prepare
+from dpalign.train.optim import build_optimizer
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
@@ -68,13 +71,26 @@ OPACUS_UNSUPPORTED = ("vision_tower.embeddings.class_embedding",
                       "vision_tower.embeddings.position_embedding.weight")
 
 
-def freeze_unsupported(session: Session) -> list[str]:
+def freeze_unsupported(session: Session) -> tuple[Session, list[str]]:
+    """``session`` with ``OPACUS_UNSUPPORTED`` frozen, and the names frozen.
+
+    ``prepare`` builds the per-pair engine and the optimizer over the parameters trainable
+    at that time, so both are rebuilt here over the ones left trainable (an engine keeping a
+    frozen parameter asks autograd for its gradient and fails)."""
     frozen = [name for name, p in session.model.named_parameters()
               if name.endswith(OPACUS_UNSUPPORTED) and p.requires_grad]
+    if not frozen:
+        return session, frozen
     for name, p in session.model.named_parameters():
         if name in frozen:
             p.requires_grad_(False)
-    return frozen
+    named = {k: p for k, p in session.model.named_parameters() if p.requires_grad}
+    params = list(named.values())
+    optimizer, schedule = build_optimizer(params, session.cfg.optim, session.total)
+    engine = (make_engine(session.cfg.privacy.engine, session.model, named)
+              if session.engine is not None else None)
+    return replace(session, params=params, optimizer=optimizer, schedule=schedule,
+                   engine=engine), frozen
 
 
 def config(model_dir: Path, pool: Path, *, lora: bool, dp: bool, batch_size: int,
@@ -135,8 +151,7 @@ def compare(model_dir: Path, pool: Path, *, lora: bool, batch_size: int, warmup:
     for name, dp in (("non_dp", False), ("dpalign_dp", True), ("opacus_dp", True)):
         cfg = config(model_dir, pool, lora=lora, dp=dp, batch_size=batch_size, steps=steps)
         with tempfile.TemporaryDirectory() as tmp:
-            session = prepare(cfg, Path(tmp))
-            frozen = [] if lora else freeze_unsupported(session)
+            session, frozen = freeze_unsupported(prepare(cfg, Path(tmp)))
             figures[name] = (opacus_times(session, warmup, repeats, cfg.privacy.engine)
                              if name == "opacus_dp" else session_times(session, warmup, repeats))
             del session

@@ -1,7 +1,8 @@
 """Training throughput, DP-LoRA vs non-DP LoRA, in tokens per second, on any model folder.
 
 For one model (a local ``save_pretrained`` folder, e.g. ``runs/smol/base``, or ``tiny:NAME``
-for a toy model of a VLM family from ``dpalign.models.tiny_families``) and the benchmark
+for a toy model of a VLM family from ``dpalign.models.tiny_families``; by default the
+benchmarks' own tiny model from ``common.fixtures``) and the benchmark
 world's preference pairs, in one process: ``Session.step`` with privacy off, then with
 ``privacy: {enabled, noise_multiplier: 1, sampling: shuffle}`` (exactly ``--batch-size``
 pairs per step, per-pair engine "hooks"). Tokens per step = attended tokens of the batch's
@@ -9,7 +10,7 @@ pairs per step, per-pair engine "hooks"). Tokens per step = attended tokens of t
 ``--device`` / ``--dtype`` (``auto``: a CUDA GPU with bfloat16 when visible), so the same
 command measures the GPU path on a GPU machine.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/throughput.py --model runs/smol/base \
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/throughput.py [--model runs/smol/base] \
         [--batch-size 8] [--warmup 2] [--repeats 5] [--device auto] [--dtype auto] [--json]
 
 With ``--json`` the last line is ``{"non_dp": {...}, "dp": {...}, "dp_tokens_per_s_ratio",
@@ -83,12 +84,14 @@ def measure(model: Path, pool: Path, args: argparse.Namespace, dp: bool) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
-    parser.add_argument("--model", required=True, help="model folder or tiny:FAMILY")
+    parser.add_argument("--model", default=None,
+                        help="model folder or tiny:FAMILY (default: the benchmarks' tiny model)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
-    _, pool = start(args)
-    model = model_folder(args.model, args.cache, pool.parent.parent)
+    bench_model, pool = start(args)
+    model = (model_folder(args.model, args.cache, pool.parent.parent) if args.model
+             else bench_model)
     device = resolve_device(args.device)
     report = {"model": str(model), "device": str(device),
               "dtype": str(resolve_dtype(args.dtype, device)).removeprefix("torch."),

@@ -458,6 +458,7 @@ def prompt_matches_dpalign(model_dir: Path, record: PreferenceRecord) -> bool:
 
 def _smoke() -> None:
     import argparse
+    import json
 
     parser = argparse.ArgumentParser(description="Time TRL DPO steps on a small world.")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -465,6 +466,11 @@ def _smoke() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--precompute-ref", action="store_true")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="use the benchmarks' world and model cached here "
+                             "(common.fixtures) instead of building a fresh pair in a temp dir")
+    parser.add_argument("--json", action="store_true",
+                        help="last line: {prompt_ids_match, full: {...}, lora: {...}}")
     cli = parser.parse_args()
     if cli.threads:
         torch.set_num_threads(cli.threads)
@@ -475,25 +481,37 @@ def _smoke() -> None:
     from dpalign.world.config import WorldConfig
     from dpalign.world.load import World
 
-    # The same small world and tiny pretraining as the test fixtures (tests/conftest.py).
-    world_cfg = WorldConfig(seed=3, n_pretrain_images=240, n_pool_pairs=48, n_heldout_pairs=24,
-                            n_pope_images=24, n_caption_images=12)
-    pretrain_cfg = PretrainConfig(steps=40, batch_size=16, warmup_steps=5, log_every=1,
-                                  vision_steps=10, vision_batch_size=16)
+    report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="trl-peer-smoke-") as tmp:
-        world_dir, model_dir = Path(tmp) / "world", Path(tmp) / "tiny"
-        build_world(world_dir, world_cfg)
-        pretrain(world_dir, model_dir, pretrain_cfg)
-        records = read_preference_jsonl(World.load(world_dir).pool_file)
-        print("prompt ids match dpalign:", prompt_matches_dpalign(model_dir, records[0]))
+        if cli.cache is not None:
+            sys.path.insert(0, str(Path(__file__).parent))
+            from common import fixtures
+
+            model_dir, pool = fixtures(cli.cache)
+        else:
+            # The same small world and tiny pretraining as the test fixtures (tests/conftest.py).
+            world_cfg = WorldConfig(seed=3, n_pretrain_images=240, n_pool_pairs=48,
+                                    n_heldout_pairs=24, n_pope_images=24, n_caption_images=12)
+            pretrain_cfg = PretrainConfig(steps=40, batch_size=16, warmup_steps=5, log_every=1,
+                                          vision_steps=10, vision_batch_size=16)
+            world_dir, model_dir = Path(tmp) / "world", Path(tmp) / "tiny"
+            build_world(world_dir, world_cfg)
+            pretrain(world_dir, model_dir, pretrain_cfg)
+            pool = World.load(world_dir).pool_file
+        records = read_preference_jsonl(pool)
+        report["prompt_ids_match"] = prompt_matches_dpalign(model_dir, records[0])
+        print("prompt ids match dpalign:", report["prompt_ids_match"])
         for lora in (False, True):
             out = trl_dpo_step_times(model_dir, records, batch_size=cli.batch_size,
                                      warmup=cli.warmup, repeats=cli.repeats, lora=lora,
                                      precompute_ref=cli.precompute_ref)
             brief = {k: v for k, v in out.items() if k not in ("losses", "collate_seconds")}
+            report["lora" if lora else "full"] = brief
             print(brief)
             print(f"lora={lora}: median step {out['median_s'] * 1e3:.1f} ms, "
                   f"step-1 loss {out['first_loss']:.4f} (log 2 = {math.log(2):.4f})")
+    if cli.json:
+        print(json.dumps(report))
 
 
 if __name__ == "__main__":

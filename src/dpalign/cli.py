@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -56,20 +58,34 @@ def world_build(
 def data_validate(
     file: Annotated[Path, typer.Argument(help="Preference JSONL file.")],
     no_images: Annotated[bool, typer.Option("--no-images", help="Skip image checks.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Last line: a JSON summary, or the "
+                                                         "JSON list of problems.")] = False,
 ) -> None:
-    """Check a preference JSONL file: schema, duplicate ids, images readable."""
-    from dpalign.data.errors import DataValidationError
+    """Check a preference JSONL file: schema, duplicate ids, images readable.
+
+    Every problem of the file is reported in one run, one ``file:line: message`` line each
+    (the first 50, then a count of the rest); any problem means exit status 1.
+    """
+    from rich.markup import escape
+
+    from dpalign.data.errors import DataValidationError, format_issues
     from dpalign.data.records import validate_preference_file
 
     try:
         summary = validate_preference_file(file, check_images=not no_images)
     except DataValidationError as exc:
-        raise fail(str(exc)) from exc
+        for line in format_issues(exc.issues):
+            err.print(line, markup=False, highlight=False)
+        count = len(exc.issues)
+        err.print(f"[bold red]error:[/] {count} problem{'s' if count != 1 else ''} in "
+                  f"{escape(str(file))}", highlight=False)
+        if as_json:
+            print(json.dumps({"ok": False, "path": str(file), **exc.as_dict()}))
+        raise typer.Exit(1) from exc
     info = {"path": str(summary.path), "records": summary.n_records, "images": summary.n_images,
             "users": summary.n_users, "error_kinds": summary.error_kinds}
     if as_json:
-        print(json.dumps(info))
+        print(json.dumps({"ok": True, **info}))
     else:
         console.print(f"ok: {info}", highlight=False)
 
@@ -82,19 +98,25 @@ def data_convert(
     out: Annotated[Path, typer.Option(help="Preference JSONL file to write.")],
     images: Annotated[Path | None, typer.Option(help="Folder relative image paths are in "
                                                      "(default: the input's folder).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Last line: a JSON summary.")] = False,
 ) -> None:
-    """Convert a public preference dataset into dpalign's JSONL format (all or nothing)."""
+    """Convert a public preference dataset into dpalign's JSONL format (all or nothing).
+
+    Image paths are written relative to OUT's folder; an existing OUT is kept unless --force.
+    """
+    from rich.markup import escape
+
     from dpalign.data.convert import convert_file
 
     try:
-        summary = convert_file(source, fmt, out, images=images)
-    except ValueError as exc:  # includes DataValidationError
-        raise fail(str(exc)) from exc
+        summary = convert_file(source, fmt, out, images=images, force=force)
+    except ValueError as exc:  # includes DataValidationError and OutputExistsError
+        raise fail(escape(str(exc))) from exc
     skipped = "; ".join(f"{reason} ({n})" for reason, n in summary.skipped.items()) or "none"
     console.print(f"wrote {summary.n_records} pairs from {summary.n_rows} rows to {summary.out}"
                   f" ({summary.n_embedded_images} embedded images); skipped: {skipped}",
-                  highlight=False)
+                  markup=False, highlight=False)
     if as_json:
         print(json.dumps(summary.as_dict()))
 
@@ -147,6 +169,41 @@ def _init_distributed() -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
+def _os_error_text(exc: OSError, out: Path) -> str:
+    """``path: cause`` of an OS error; errors that name no file (a write that found the disk
+    full) are put on the run directory ``out``."""
+    if exc.strerror is None:  # raised with a message of its own (e.g. no weights file)
+        return str(exc)
+    where = exc.filename if exc.filename is not None else f"{out} (run directory)"
+    also = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+    return f"{where}{also}: {exc.strerror}"
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Show dpalign's own warnings (e.g. a torn log line dropped on resume) as one
+    ``warning:`` line each on stderr; others as Python shows them."""
+    import warnings
+
+    from rich.markup import escape
+
+    from dpalign.io import TornLineWarning
+
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], *args: object,
+                 **kwargs: object) -> None:
+            if issubclass(category, TornLineWarning):
+                err.print(f"[bold yellow]warning:[/] {escape(str(message))}",
+                          highlight=False)
+            else:
+                shown(message, category, *args, **kwargs)  # type: ignore[arg-type]
+
+        warnings.showwarning = show
+        yield
+
+
 @app.command()
 def train(
     config: Annotated[Path, typer.Option(help="YAML training config (see configs/).")],
@@ -156,10 +213,15 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="Last line: result.json.")] = False,
     overrides: Overrides = None,
 ) -> None:
-    """Align a VLM on preference pairs (DPO family, LoRA or full), with checkpoints."""
+    """Align a VLM on preference pairs (DPO family, LoRA or full), with checkpoints.
+
+    Bad input (data, settings, over-long pairs, a budget that allows no step) and OS errors
+    end with one ``error:`` line and exit status 1; a failed fresh start leaves OUT as found.
+    """
+    from rich.markup import escape
+
     from dpalign.config import ConfigError, load_yaml_config
     from dpalign.data.errors import DataValidationError
-    from dpalign.models.load import ModelFolderError
     from dpalign.train.config import TrainConfig
     from dpalign.train.loop import RunDirError
     from dpalign.train.loop import train as run_train
@@ -167,20 +229,25 @@ def train(
     _init_distributed()
     try:
         cfg = load_yaml_config(TrainConfig, config, overrides or [])
-        result = run_train(cfg, out, resume=resume)
-    except (ConfigError, DataValidationError, RunDirError, ModelFolderError,
-            ValueError) as exc:
-        raise fail(str(exc)) from exc
+        with _warnings_as_lines():
+            result = run_train(cfg, out, resume=resume)
+    except OSError as exc:  # read-only or full disk, a model folder without its weights
+        raise fail(escape(_os_error_text(exc, out))) from exc
+    except (ConfigError, DataValidationError, RunDirError, ValueError) as exc:
+        raise fail(escape(str(exc))) from exc
     if result.evaluations:
         console.print(_train_table(result.evaluations))
-    console.print(f"run finished: {result.out}  {result.steps} steps  "
-                  f"wall {result.wall_seconds:.0f}s  model: {result.out / 'final'}")
+    steps = (f"{result.steps} steps" if result.stopped is None
+             else f"{result.steps} of {result.planned_steps} steps ({result.stopped})")
+    console.print(f"run finished: {result.out}  {steps}  "
+                  f"wall {result.wall_seconds:.0f}s  model: {result.out / 'final'}",
+                  markup=False, highlight=False)
     if as_json:
         print(json.dumps(json.loads((result.out / "result.json").read_text())))
 
 
 def _eval_table(report: dict) -> Table:
-    table = Table(title="Hallucination figures")
+    table = Table(title=f"Hallucination figures (CHAIR rules: {report['chair']['rules']})")
     for column in ("metric", "random", "popular", "adversarial"):
         table.add_column(column, justify="right")
     for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
@@ -207,7 +274,9 @@ def _published_tables(published: dict) -> list[Table]:
         tables.append(table)
     if "chair" in published:
         chair = published["chair"]
-        table = Table(title=f"Captions of {chair['n_captions']} images: CHAIR and AMBER")
+        truth = chair.get("ground_truth", "instances")
+        table = Table(title=f"Captions of {chair['n_captions']} images: CHAIR and AMBER "
+                            f"(CHAIR rules: {chair['rules']}; ground truth: {truth})")
         table.add_column("metric")
         table.add_column("value", justify="right")
         rows = {f"CHAIR {k}": chair[k] for k in ("chair_s", "chair_i", "recall")}
@@ -243,12 +312,20 @@ def evaluate(
         help="Published POPE question file (repeatable); its images are in --images.")] = None,
     coco_instances: Annotated[Path | None, typer.Option(
         help="COCO instances JSON: caption its images, score CHAIR and AMBER.")] = None,
+    coco_captions: Annotated[Path | None, typer.Option(
+        metavar="FILE",
+        help="COCO captions JSON: objects named in an image's reference captions join its "
+             "--coco-instances ground truth (the CHAIR authors' ground truth).")] = None,
     images: Annotated[Path | None, typer.Option(
         help="Folder holding the images the published files name.")] = None,
     synonyms: Annotated[Path | None, typer.Option(
         help="CHAIR synonym list (default: shared/reference/chair/synonyms.txt).")] = None,
     caption_prompt: Annotated[str | None, typer.Option(
         help="Prompt for the --coco-instances captions (default: AMBER's).")] = None,
+    chair_rules: Annotated[str, typer.Option(
+        help="CHAIR rules for the --coco-instances captions: coco-official (the CHAIR "
+             "authors' COCO rules, comparable with published numbers) | dpalign.")
+    ] = "coco-official",
     out: Annotated[Path | None, typer.Option(help="JSON file (default MODEL/eval.json).")] = None,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 64,
     limit: Annotated[int | None, typer.Option(help="At most N images per part.")] = None,
@@ -260,7 +337,9 @@ def evaluate(
     ] = False,
 ) -> None:
     """POPE, CHAIR and object recall of a model on a world and/or on published files."""
-    from dpalign.eval.published import plan_published, run_published
+    from rich.markup import escape
+
+    from dpalign.eval.published import plan_published, plan_warnings, run_published
     from dpalign.eval.world_eval import EvalSettings, evaluate_world
     from dpalign.io import atomic_write_json
     from dpalign.models.load import load_vlm, resolve_device, resolve_dtype
@@ -272,12 +351,15 @@ def evaluate(
     try:  # every input is read and checked before the model loads
         the_world = None if world is None else World.load(world)
         plan = plan_published(images, pope_file or [], coco_instances, synonyms, limit=limit,
-                              prompt=caption_prompt)
+                              prompt=caption_prompt, chair_rules=chair_rules,
+                              coco_captions=coco_captions)
+        for warning in plan_warnings(plan):
+            err.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
         where = resolve_device(device)
         vlm = load_vlm(model, device=str(where), dtype=resolve_dtype(dtype, where),
                        trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise fail(str(exc)) from exc
+        raise fail(escape(str(exc))) from exc
     report = {} if the_world is None else evaluate_world(
         vlm.model, vlm.processor, the_world, EvalSettings(batch_size=batch_size, limit=limit))
     if plan is not None:

@@ -1,5 +1,6 @@
-"""Atomic file writes (a reader never sees a half-written file) and the JSONL reader for
-files dpalign writes itself.
+"""Atomic file writes (a reader never sees a half-written file), the JSONL reader for
+files dpalign writes itself, and the reader of append-only logs that recovers a torn last
+line.
 
 Every writer goes through a temporary file in the same directory followed by
 ``os.replace``, which is atomic on POSIX file systems.
@@ -11,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +24,50 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     data goes through ``dpalign.data.records``, which reports bad lines."""
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+class TornLineWarning(UserWarning):
+    """The last line of an append-only JSONL log was cut short (a kill or a full disk during
+    ``append_jsonl``) and was dropped."""
+
+
+class CorruptLogError(ValueError):
+    """A line of an append-only JSONL log that is not its last cannot be read: damage a torn
+    append cannot explain. The message names the file and the 1-based line."""
+
+
+def _log_row(raw: bytes) -> dict[str, Any] | str:
+    """One log line as a JSON object, or why it is not one."""
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 ({exc.reason})"
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON ({exc})"
+    return row if isinstance(row, dict) else f"not a JSON object (a {type(row).__name__})"
+
+
+def read_log_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of an append-only JSONL log written by ``append_jsonl`` (blank lines skipped).
+
+    A last line that cannot be read is the torn tail of an interrupted append: it is dropped
+    with a ``TornLineWarning``. Any earlier unreadable line raises ``CorruptLogError`` naming
+    the file and the line.
+    """
+    lines = [(no, raw) for no, raw in enumerate(Path(path).read_bytes().split(b"\n"), start=1)
+             if raw.strip()]
+    rows: list[dict[str, Any]] = []
+    for k, (no, raw) in enumerate(lines):
+        row = _log_row(raw)
+        if isinstance(row, dict):
+            rows.append(row)
+        elif k == len(lines) - 1:
+            warnings.warn(f"{path}:{no}: dropped a torn last line ({row}; an append was cut "
+                          "short)", TornLineWarning, stacklevel=2)
+        else:
+            raise CorruptLogError(f"{path}:{no}: {row}; only a torn last line can be "
+                                  "recovered, so the file is damaged")
+    return rows
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

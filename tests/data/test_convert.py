@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dpalign.cli import app
-from dpalign.data.convert import FORMATS, convert_file
+from dpalign.data.convert import FORMATS, OutputExistsError, convert_file
 from dpalign.data.errors import DataValidationError
 from dpalign.data.records import read_preference_jsonl, validate_preference_file
 
@@ -118,7 +119,7 @@ def test_conversion_is_deterministic_and_rerunnable(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     convert_file(source, "rlaif-v", out)
     first = out.read_bytes()
-    summary = convert_file(source, "rlaif-v", out)  # the images folder already exists
+    summary = convert_file(source, "rlaif-v", out, force=True)  # images folder exists
     assert out.read_bytes() == first
     assert summary.n_embedded_images == 2
     assert len(list((tmp_path / "out_images").iterdir())) == 2
@@ -170,7 +171,7 @@ def test_rlaif_v_json_lines_with_paths_under_images(tmp_path: Path, name: str) -
     assert summary.n_embedded_images == 0 and summary.images_dir is None
     (record,) = read_preference_jsonl(out)
     assert record.images == (str(images / "train" / "1.png"),)
-    assert _lines(out)[0]["images"] == [str(images / "train" / "1.png")]  # outside: absolute
+    assert _lines(out)[0]["images"] == ["../coco/train/1.png"]  # relative to out's folder
     assert not (tmp_path / "out" / "pairs_images").exists()
 
 
@@ -435,3 +436,65 @@ def test_cli_convert_summary_and_errors(tmp_path: Path) -> None:
                                  "--out", str(tmp_path / "x.jsonl")])
     assert result.exit_code == 1 and "unknown format 'llava'" in result.output
     assert runner.invoke(app, ["data", "convert", "--help"]).exit_code == 0
+
+
+def test_existing_output_is_kept_unless_forced(tmp_path: Path) -> None:
+    source = _parquet(tmp_path / "rlaif.parquet", [_rlaif_row("a", {"bytes": RED, "path": None})])
+    out = tmp_path / "pairs.jsonl"
+    out.write_bytes(b"precious, not even JSONL\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    with pytest.raises(OutputExistsError, match="already exists; use --force") as caught:
+        convert_file(source, "rlaif-v", out)
+    assert caught.value.out == out
+    result = runner.invoke(app, ["data", "convert", str(source), "--format", "rlaif-v",
+                                 "--out", str(out)])
+
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"error: {out} already exists; use --force to overwrite it"
+    assert out.read_bytes() == b"precious, not even JSONL\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no images folder either
+
+    result = runner.invoke(app, ["data", "convert", str(source), "--format", "rlaif-v",
+                                 "--out", str(out), "--force"])
+    assert result.exit_code == 0, result.output
+    assert [r["id"] for r in _lines(out)] == ["a"]
+    assert validate_preference_file(out).n_records == 1
+
+    with pytest.raises(ValueError, match="is a folder"):
+        convert_file(source, "rlaif-v", tmp_path, force=True)
+
+
+def test_image_paths_are_relative_so_the_folder_can_move(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    (project / "coco" / "train").mkdir(parents=True)
+    (project / "coco" / "train" / "1.png").write_bytes(BLUE)
+    (project / "raw").mkdir()
+    rows = [_rlaif_row("p", None, image_path="train/1.png"),
+            _rlaif_row("e", {"bytes": list(GREEN), "path": None})]
+    del rows[0]["image"]
+    source = _jsonl(project / "raw" / "rlaif.jsonl", rows)
+    out = project / "converted" / "pairs.jsonl"
+
+    result = runner.invoke(app, ["data", "convert", str(source), "--format", "rlaif-v",
+                                 "--images", str(project / "coco"), "--out", str(out)])
+
+    assert result.exit_code == 0, result.output
+    stored = [row["images"] for row in _lines(out)]
+    assert stored == [["../coco/train/1.png"], [f"pairs_images/{_stored_name(GREEN)}"]]
+    assert not any(Path(image).is_absolute() for images in stored for image in images)
+    assert (out.parent / "pairs_images" / _stored_name(GREEN)).read_bytes() == GREEN
+
+    moved = tmp_path / "elsewhere" / "project"
+    moved.parent.mkdir()
+    shutil.move(project, moved)
+    assert not project.exists()
+
+    result = runner.invoke(app, ["data", "validate", str(moved / "converted" / "pairs.jsonl"),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["images"] == 2
+    first, second = read_preference_jsonl(moved / "converted" / "pairs.jsonl")
+    assert first.images == (str(moved / "coco" / "train" / "1.png"),)
+    assert np.array_equal(_pixels(Path(first.images[0])), _pixels(BLUE))
+    assert np.array_equal(_pixels(Path(second.images[0])), _pixels(GREEN))

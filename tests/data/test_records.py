@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from dpalign.cli import app
 from dpalign.data import records as records_module
-from dpalign.data.errors import DataIssue, DataValidationError
+from dpalign.data.errors import MAX_LISTED_ISSUES, DataIssue, DataValidationError
 from dpalign.data.records import (
     ValidationSummary,
     read_preference_jsonl,
@@ -20,6 +22,7 @@ from dpalign.data.records import (
 )
 from dpalign.data.schema import PairMetadata, PreferenceRecord
 
+runner = CliRunner()
 
 def make_png(path: Path, color: tuple[int, int, int] = (200, 30, 30)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +134,18 @@ def test_writer_resolves_relative_images_against_relative_to(folder: Path) -> No
     assert json.loads(unchanged.read_text())["images"] == ["../img.png"]
     assert json.loads(rebased.read_text())["images"] == ["img.png"]
     assert read_preference_jsonl(unchanged) == read_preference_jsonl(rebased)
+
+
+def test_writer_can_store_images_outside_the_folder_relative(tmp_path: Path) -> None:
+    make_png(tmp_path / "shared" / "img.png")
+    source = write_lines(tmp_path / "shared" / "pairs.jsonl", [row()])
+    records = read_preference_jsonl(source)
+
+    out = write_preference_jsonl(tmp_path / "runs" / "a" / "pairs.jsonl", records,
+                                 relative_outside=True)
+
+    assert json.loads(out.read_text())["images"] == ["../../shared/img.png"]
+    assert read_preference_jsonl(out) == records
 
 
 def test_writer_refuses_duplicate_ids(tmp_path: Path) -> None:
@@ -341,20 +356,158 @@ def test_shared_image_is_opened_once_but_reported_per_line(
 # --- the error type ----------------------------------------------------------------------
 
 
-def test_error_lists_at_most_twenty_issues_and_pickles(tmp_path: Path) -> None:
+def test_error_lists_at_most_fifty_issues_and_pickles(tmp_path: Path) -> None:
     path = tmp_path / "pairs.jsonl"
-    error = DataValidationError(DataIssue(path, n, f"problem {n}") for n in range(1, 26))
+    error = DataValidationError(DataIssue(path, n, f"problem {n}") for n in range(1, 121))
 
     lines = str(error).splitlines()
 
-    assert lines[0] == "25 problems found:"
+    assert MAX_LISTED_ISSUES == 50
+    assert lines[0] == "120 problems found:"
     assert lines[1] == f"  {path}:1: problem 1"
-    assert lines[20] == f"  {path}:20: problem 20"
-    assert lines[21:] == ["  ... and 5 more"]
+    assert lines[50] == f"  {path}:50: problem 50"
+    assert lines[51:] == ["  ... and 70 more problems"]
+    assert len(error.issues) == 120
     assert isinstance(error, ValueError)
     assert pickle.loads(pickle.dumps(error)).issues == error.issues
+
+
+def test_error_as_dict_lists_every_issue_with_file_line_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.jsonl"
+    error = DataValidationError([DataIssue(path, 0, "file is empty: no records"),
+                                 DataIssue(path, 3, "missing field 'chosen'", "chosen")])
+
+    assert error.as_dict() == {"count": 2, "errors": [
+        {"file": str(path), "line": None, "message": "file is empty: no records"},
+        {"file": str(path), "line": 3, "field": "chosen", "message": "missing field 'chosen'"},
+    ]}
 
 
 def test_error_needs_an_issue() -> None:
     with pytest.raises(ValueError, match="at least one issue"):
         DataValidationError([])
+
+
+# --- one pass: every kind of problem of a file in one run (library and CLI) -----------------
+
+
+@pytest.fixture
+def three_problems(folder: Path) -> Path:
+    """Line 2: a schema error; line 4: a duplicate id (of line 1); line 5: a missing image."""
+    lines: list[str | dict[str, Any]] = [
+        row("a"),
+        row("b", prompt=""),
+        row("c"),
+        row("a", chosen="Two cups."),
+        row("e", images=["gone.png"]),
+    ]
+    return write_lines(folder / "pairs.jsonl", lines)
+
+
+def test_schema_error_duplicate_id_and_missing_image_are_found_in_one_run(
+    three_problems: Path,
+) -> None:
+    path, folder = three_problems, three_problems.parent
+
+    error = read_error(path)
+
+    assert error.issues == [
+        DataIssue(path, 2, "field 'prompt' must be a non-empty string", "prompt"),
+        DataIssue(path, 4, "duplicate id 'a' (first on line 1)", "id"),
+        DataIssue(path, 5, f"image 'gone.png' not found (looked at {folder / 'gone.png'})",
+                  "images[0]"),
+    ]
+    text = str(error)
+    assert text.startswith("3 problems found:\n")
+    for line_no in (2, 4, 5):
+        assert f"  {path}:{line_no}: " in text
+    with pytest.raises(DataValidationError) as caught:
+        validate_preference_file(path)
+    assert caught.value.issues == error.issues
+
+
+def test_a_line_that_breaks_the_schema_still_has_its_id_and_images_checked(
+    folder: Path,
+) -> None:
+    broken = {k: v for k, v in row("a", images=["img.png", "gone.png"]).items() if k != "chosen"}
+    alias = {**{k: v for k, v in row(9).items() if k != "images"}, "image": "lost.png",
+             "rejected": 5}
+    lines: list[str | dict[str, Any]] = [broken, row("a"), alias, row(9, prompt="Other?")]
+    path = write_lines(folder / "pairs.jsonl", lines)
+
+    error = read_error(path)
+
+    assert [(i.line, i.field, i.message.split(" (")[0]) for i in error.issues] == [
+        (1, "chosen", "missing field 'chosen'"),
+        (1, "images[1]", "image 'gone.png' not found"),
+        (2, "id", "duplicate id 'a'"),
+        (3, "rejected", "field 'rejected' must be a string, got integer"),
+        (3, "image", "image 'lost.png' not found"),
+        (4, "id", "duplicate id '9'"),
+    ]
+
+
+def test_cli_validate_prints_every_problem_as_file_line_message(three_problems: Path) -> None:
+    path = three_problems
+
+    result = runner.invoke(app, ["data", "validate", str(path)])
+
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[:3] == [
+        f"{path}:2: field 'prompt' must be a non-empty string",
+        f"{path}:4: duplicate id 'a' (first on line 1)",
+        f"{path}:5: image 'gone.png' not found (looked at {path.parent / 'gone.png'})",
+    ]
+    assert lines[3:] == [f"error: 3 problems in {path}"]
+
+
+def test_cli_validate_json_lists_the_problems(three_problems: Path) -> None:
+    path = three_problems
+
+    result = runner.invoke(app, ["data", "validate", str(path), "--json"])
+
+    assert result.exit_code == 1
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["ok"] is False and report["path"] == str(path)
+    assert report["count"] == 3
+    assert [(e["file"], e["line"], e.get("field")) for e in report["errors"]] == [
+        (str(path), 2, "prompt"), (str(path), 4, "id"), (str(path), 5, "images[0]")]
+    assert report["errors"][1]["message"] == "duplicate id 'a' (first on line 1)"
+    assert f"{path}:5: image 'gone.png' not found" in result.stderr
+
+    (path.parent / "gone.png").write_bytes((path.parent / "img.png").read_bytes())
+    fixed = write_lines(path.parent / "fixed.jsonl", [row("a"), row("c"), row("e")])
+    result = runner.invoke(app, ["data", "validate", str(fixed), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["ok"] is True
+
+
+def test_cli_validate_caps_the_listing_and_counts_the_rest(folder: Path) -> None:
+    lines: list[str | dict[str, Any]] = [row(str(n), prompt=" ") for n in range(1, 121)]
+    path = write_lines(folder / "pairs.jsonl", lines)
+
+    result = runner.invoke(app, ["data", "validate", str(path)])
+    as_json = runner.invoke(app, ["data", "validate", str(path), "--json"])
+
+    assert result.exit_code == as_json.exit_code == 1
+    shown = result.stderr.splitlines()
+    assert shown[0] == f"{path}:1: field 'prompt' must be a non-empty string"
+    assert shown[49] == f"{path}:50: field 'prompt' must be a non-empty string"
+    assert shown[50:] == ["... and 70 more problems", f"error: 120 problems in {path}"]
+    report = json.loads(as_json.stdout.strip().splitlines()[-1])
+    assert report["count"] == 120 and len(report["errors"]) == 120
+    assert report["errors"][-1]["line"] == 120
+
+
+def test_cli_validate_missing_file_and_markup_like_text(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["data", "validate", str(tmp_path / "absent.jsonl")])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [f"{tmp_path / 'absent.jsonl'}: file not found",
+                                          f"error: 1 problem in {tmp_path / 'absent.jsonl'}"]
+
+    path = write_lines(tmp_path / "pairs.jsonl", [row(images=["[bold]/x.png"])])
+    result = runner.invoke(app, ["data", "validate", str(path)])
+    assert result.exit_code == 1
+    assert f"{path}:1: image '[bold]/x.png' not found" in result.stderr

@@ -6,6 +6,7 @@ import json
 import shutil
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,8 +15,14 @@ from typer.testing import CliRunner
 
 from dpalign.cli import app
 from dpalign.eval.amber import amber_metrics
-from dpalign.eval.chair import SynonymMap
-from dpalign.eval.coco import CocoFormatError, chair_scores, read_coco_instances
+from dpalign.eval.chair import SynonymMap, mention_finder
+from dpalign.eval.coco import (
+    CocoFormatError,
+    chair_scores,
+    load_coco_instances,
+    read_coco_captions,
+    read_coco_instances,
+)
 from dpalign.eval.pope import PopeFormatError, parse_yes_no, pope_metrics
 from dpalign.eval.published import (
     PublishedInputError,
@@ -24,6 +31,7 @@ from dpalign.eval.published import (
     load_caption_task,
     load_pope_task,
     plan_published,
+    plan_warnings,
     pope_from_file,
 )
 from dpalign.models.load import load_vlm
@@ -227,6 +235,41 @@ def test_chair_scores_by_hand() -> None:
     assert "cog" not in chair_scores(CAPTIONS, TRUTH, SynonymMap.from_file(COCO_SYNONYMS))["amber"]
 
 
+# COCO ground truth for captions the two CHAIR rule sets read differently.
+RULE_CAPTIONS = {
+    "1.jpg": "A baby elephant stands next to an adult elephant.",
+    "2.jpg": "A toilet seat is up next to a sink.",
+    "3.jpg": "A passenger train on the train tracks near a dog.",
+    "4.jpg": "Two hot dogs and a cup on a table.",
+}
+RULE_TRUTH = {"1.jpg": {"elephant"}, "2.jpg": {"toilet", "sink"}, "3.jpg": {"train"},
+              "4.jpg": {"hot dog", "dining table"}}
+
+
+def test_chair_scores_official_rules_by_default() -> None:
+    synonyms = SynonymMap.from_file(_need(COCO_SYNONYMS))
+    # image  official mentions (hallucinated)        dpalign mentions (hallucinated)
+    # 1      elephant, elephant                       person, elephant, person, elephant (2)
+    # 2      toilet, sink ("toilet seat": a toilet)   toilet, chair, sink (chair)
+    # 3      train, dog (dog; "train track": none)    person, train, train, dog (person, dog)
+    # 4      hot dog, cup, dining table (cup)         hot dog, cup, dining table (cup)
+    # official: CHAIR_s = 2/4, CHAIR_i = 2/(2+2+2+3) = 2/9; every GT object named: recall 6/6
+    # dpalign:  CHAIR_s = 4/4, CHAIR_i = (2+1+2+1)/(4+3+4+3) = 6/14
+    official = chair_scores(RULE_CAPTIONS, RULE_TRUTH, synonyms)
+    assert official["rules"] == "coco-official"
+    assert (official["n_mentions"], official["n_hallucinated"]) == (9, 2)
+    assert official["chair_s"] == pytest.approx(2 / 4)
+    assert official["chair_i"] == pytest.approx(2 / 9)
+    assert official["recall"] == 1.0
+    assert official["amber"]["chair"] == pytest.approx(2 / 9)  # AMBER reads the same mentions
+    ours = chair_scores(RULE_CAPTIONS, RULE_TRUTH, synonyms, rules="dpalign")
+    assert ours["rules"] == "dpalign"
+    assert (ours["n_mentions"], ours["n_hallucinated"]) == (14, 6)
+    assert ours["chair_s"] == 1.0
+    assert ours["chair_i"] == pytest.approx(6 / 14)
+    assert ours["amber"]["chair"] == pytest.approx(6 / 14)
+
+
 def test_chair_scores_errors_name_the_image() -> None:
     synonyms = SynonymMap.from_mapping({"dog": ["puppy"], "cat": []})
     with pytest.raises(ValueError, match=r"without a ground truth: \['z.jpg'\]"):
@@ -281,6 +324,231 @@ def test_plan_needs_images_and_distinct_names(tmp_path: Path) -> None:
              _jsonl(tmp_path / "x" / "pope.json", [json.dumps(q)])]
     with pytest.raises(PublishedInputError, match=r"repeated: \['pope'\]"):
         plan_published(tmp_path / "img", files)
+
+
+def test_plan_chooses_the_chair_rules(tmp_path: Path) -> None:
+    _png(tmp_path / "img", "a.png")
+    instances = tmp_path / "instances.json"
+    instances.write_text(json.dumps(_coco([(1, "a.png")], [(18, "dog")], [(1, 18)])))
+    synonyms = _need(COCO_SYNONYMS)
+    plan = plan_published(tmp_path / "img", coco_instances=instances, synonyms_file=synonyms)
+    assert plan is not None and plan.captions is not None
+    assert plan.captions.rules == "coco-official"
+    plan = plan_published(tmp_path / "img", coco_instances=instances, synonyms_file=synonyms,
+                          chair_rules="dpalign")
+    assert plan is not None and plan.captions is not None and plan.captions.rules == "dpalign"
+    with pytest.raises(PublishedInputError, match="unknown CHAIR rule set 'official'"):
+        plan_published(tmp_path / "img", coco_instances=instances, synonyms_file=synonyms,
+                       chair_rules="official")
+
+
+# --- COCO reference captions join the ground truth ----------------------------------------
+
+# Instances: a.jpg has a person, b.jpg a cat, c.jpg nothing annotated.
+REF_INSTANCES = _coco([(1, "a.jpg"), (2, "b.jpg"), (3, "c.jpg")],
+                      [(1, "person"), (17, "cat")], [(1, 1), (2, 17)])
+REF_CAPTIONS = {"info": {}, "images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [
+    {"id": 10, "image_id": 1, "caption": "A man and his dog on a couch."},
+    {"id": 11, "image_id": 2, "caption": "A baby bird next to a cat."},
+    {"id": 12, "image_id": 1, "caption": "A puppy beside a person"},
+    {"id": 13, "image_id": 2, "caption": "Two cats sleep on a bed."},
+    {"id": 14, "image_id": 99, "caption": "A giraffe."},  # not an evaluated image: ignored
+]}
+GENERATED = {"a.jpg": "A man with a dog on a sofa.",  # person, dog, couch
+             "b.jpg": "A person and a cat on a bed.",  # person, cat, bed
+             "c.jpg": "A dog in a park."}  # dog
+# Reference objects (coco-official): a: person, dog ("puppy"), couch; b: bird ("baby bird"
+# is a bird, not a person), cat, bed; c: no reference caption.
+#                  instances only              instances + reference captions
+# image  mentions  truth     hallucinated      truth                  hallucinated
+# a      3         person    dog, couch        person, dog, couch     -
+# b      3         cat       person, bed       cat, bird, bed         person
+# c      1         -         dog               -                      dog
+# instances only:  CHAIR_s = 3/3, CHAIR_i = (2+2+1)/7 = 5/7, recall = (1+1)/(1+1) = 1
+# + captions:      CHAIR_s = 2/3, CHAIR_i = (0+1+1)/7 = 2/7, recall = (3+2)/(3+3) = 5/6
+# Under the dpalign rules "baby" alone is a person, so b's references also hold a person:
+# + captions (dpalign rules): CHAIR_s = 1/3, CHAIR_i = 1/7.
+
+
+@pytest.fixture
+def reference_files(tmp_path: Path) -> dict[str, Path]:
+    """REF_INSTANCES and REF_CAPTIONS written out, with the three images."""
+    for name in GENERATED:
+        _png(tmp_path / "img", name)
+    instances, captions = tmp_path / "instances.json", tmp_path / "captions.json"
+    instances.write_text(json.dumps(REF_INSTANCES))
+    captions.write_text(json.dumps(REF_CAPTIONS))
+    return {"instances": instances, "captions": captions, "images": tmp_path / "img"}
+
+
+def test_read_coco_captions_and_instance_ids(reference_files: dict[str, Path]) -> None:
+    assert read_coco_captions(reference_files["captions"]) == {
+        1: ["A man and his dog on a couch.", "A puppy beside a person"],
+        2: ["A baby bird next to a cat.", "Two cats sleep on a bed."], 99: ["A giraffe."]}
+    instances = load_coco_instances(reference_files["instances"])
+    assert instances.file_names == {1: "a.jpg", 2: "b.jpg", 3: "c.jpg"}
+    assert instances.objects == read_coco_instances(reference_files["instances"])
+
+
+def test_reference_captions_turn_hallucinations_into_mentions(
+        reference_files: dict[str, Path]) -> None:
+    synonyms = SynonymMap.from_file(_need(COCO_SYNONYMS))
+    files = reference_files
+    alone = load_caption_task(files["instances"], files["images"], synonyms)
+    assert alone.ground_truth == "instances" and alone.without_references == []
+    scores = chair_scores(GENERATED, alone.truth, synonyms, rules=alone.rules)
+    assert (scores["n_mentions"], scores["n_hallucinated"]) == (7, 5)
+    assert scores["chair_s"] == 1.0
+    assert scores["chair_i"] == pytest.approx(5 / 7)
+    assert scores["recall"] == 1.0
+
+    task = load_caption_task(files["instances"], files["images"], synonyms,
+                             captions_file=files["captions"])
+    assert task.ground_truth == "instances+captions"
+    assert dict(task.from_captions) == {"a.jpg": {"person", "dog", "couch"},
+                                        "b.jpg": {"bird", "cat", "bed"}, "c.jpg": set()}
+    assert dict(task.truth) == {"a.jpg": {"person", "dog", "couch"},
+                                "b.jpg": {"cat", "bird", "bed"}, "c.jpg": set()}
+    assert dict(task.n_references) == {"a.jpg": 2, "b.jpg": 2, "c.jpg": 0}
+    assert task.without_references == ["c.jpg"]
+    scores = chair_scores(GENERATED, task.truth, synonyms, rules=task.rules)
+    assert (scores["n_mentions"], scores["n_hallucinated"]) == (7, 2)
+    assert scores["chair_s"] == pytest.approx(2 / 3)
+    assert scores["chair_i"] == pytest.approx(2 / 7)
+    assert scores["recall"] == pytest.approx(5 / 6)
+
+    # The reference captions are read with the selected rules, as generated ones are.
+    ours = load_caption_task(files["instances"], files["images"], synonyms, rules="dpalign",
+                             captions_file=files["captions"])
+    assert ours.from_captions["b.jpg"] == {"person", "bird", "cat", "bed"}
+    scores = chair_scores(GENERATED, ours.truth, synonyms, rules="dpalign")
+    assert (scores["n_mentions"], scores["n_hallucinated"]) == (7, 1)
+    assert scores["chair_s"] == pytest.approx(1 / 3)
+    assert scores["chair_i"] == pytest.approx(1 / 7)
+
+    # --limit keeps the first images by name; only their references are read.
+    limited = load_caption_task(files["instances"], files["images"], synonyms, limit=1,
+                                captions_file=files["captions"])
+    assert dict(limited.truth) == {"a.jpg": {"person", "dog", "couch"}}
+
+
+def test_plan_warnings(reference_files: dict[str, Path]) -> None:
+    files, synonyms = reference_files, _need(COCO_SYNONYMS)
+    assert plan_warnings(None) == []
+    plan = plan_published(files["images"], coco_instances=files["instances"],
+                          synonyms_file=synonyms)
+    [warning] = plan_warnings(plan)
+    assert "not directly comparable with published CHAIR numbers" in warning
+    assert plan_warnings(plan_published(files["images"], coco_instances=files["instances"],
+                                        synonyms_file=synonyms, chair_rules="dpalign")) == []
+    plan = plan_published(files["images"], coco_instances=files["instances"],
+                          synonyms_file=synonyms, coco_captions=files["captions"])
+    assert plan_warnings(plan) == [
+        f"1 of 3 images have no reference caption in {files['captions']} (e.g. 'c.jpg'); is "
+        "it the captions file of the instances file's split?"]
+    assert plan_warnings(plan_published(files["images"], coco_instances=files["instances"],
+                                        synonyms_file=synonyms, coco_captions=files["captions"],
+                                        limit=2)) == []
+    with pytest.raises(PublishedInputError, match="--coco-captions needs --coco-instances"):
+        plan_published(files["images"], coco_captions=files["captions"])
+
+
+def _captions_doc(change: Any) -> Any:
+    """REF_CAPTIONS changed by ``change(doc)`` (which may return a replacement)."""
+    doc = json.loads(json.dumps(REF_CAPTIONS))
+    return change(doc) or doc
+
+
+@pytest.mark.parametrize(("doc", "expected"), [
+    (_captions_doc(lambda d: d.pop("annotations") and None),
+     "missing top-level key 'annotations'"),
+    (_captions_doc(lambda d: d["annotations"][1].pop("caption") and None),
+     "annotations[1]: missing key 'caption'"),
+    (_captions_doc(lambda d: d["annotations"][3].pop("image_id") and None),
+     "annotations[3]: missing key 'image_id'"),
+    (_captions_doc(lambda d: d["annotations"][2].update(caption=["a dog"])),
+     "annotations[2]: caption has the wrong type: ['a dog']"),
+    (_captions_doc(lambda d: d["annotations"][0].update(image_id=True)),
+     "annotations[0]: image_id has the wrong type: True"),
+    (_captions_doc(lambda d: d["annotations"].__setitem__(4, "A giraffe.")),
+     "annotations[4]: expected an object, got str"),
+    (_captions_doc(lambda d: {**d, "annotations": {"1": "a dog"}}),
+     "annotations: expected a list, got dict"),
+    (_captions_doc(lambda d: d["annotations"]), "expected a JSON object, got list"),
+], ids=["no-annotations", "no-caption", "no-image-id", "caption-list", "image-id-bool",
+        "entry-string", "annotations-dict", "results-list"])
+def test_cli_bad_captions_file_names_file_and_entry(reference_files: dict[str, Path], doc: Any,
+                                                    expected: str, tmp_path: Path) -> None:
+    files, bad = reference_files, tmp_path / "captions_bad.json"
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(CocoFormatError) as info:
+        read_coco_captions(bad)
+    assert str(info.value) == f"{bad}: {expected}"
+    # The file is checked with the other inputs, before the (missing) model is looked at.
+    result = runner.invoke(app, [
+        "eval", "--model", str(tmp_path / "no-model"), "--coco-instances", str(files["instances"]),
+        "--coco-captions", str(bad), "--images", str(files["images"]),
+        "--synonyms", str(_need(COCO_SYNONYMS))])
+    assert result.exit_code == 1
+    assert f"error: {bad}: {expected}" in result.output
+
+
+def test_cli_malformed_captions_json_and_captions_without_instances(
+        reference_files: dict[str, Path], tmp_path: Path) -> None:
+    bad = tmp_path / "captions_bad.json"
+    bad.write_text('{"annotations": [')
+    args = ["eval", "--model", str(tmp_path / "m"), "--images", str(reference_files["images"]),
+            "--synonyms", str(_need(COCO_SYNONYMS)), "--coco-captions", str(bad)]
+    result = runner.invoke(app, [*args, "--coco-instances", str(reference_files["instances"])])
+    assert result.exit_code == 1 and f"{bad}: malformed JSON" in result.output
+    pope = _jsonl(tmp_path / "p.json", [json.dumps({"question_id": 1, "image": "a.jpg",
+                                                    "text": "Is there a cat?", "label": "no"})])
+    result = runner.invoke(app, [*args, "--pope-file", str(pope)])
+    assert result.exit_code == 1
+    assert "--coco-captions needs --coco-instances FILE" in result.output
+
+
+def test_cli_eval_with_reference_captions(reference_files: dict[str, Path], tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI with a stand-in model that writes GENERATED: the scores worked out above."""
+    monkeypatch.setattr("dpalign.models.load.load_vlm",
+                        lambda *args, **kwargs: SimpleNamespace(model=None, processor=None))
+    monkeypatch.setattr("dpalign.eval.published.generate",
+                        lambda model, processor, images, prompts, **kwargs:
+                        [GENERATED[Path(image).name] for image in images])
+    files, out = reference_files, tmp_path / "eval.json"
+    args = ["eval", "--model", str(tmp_path / "m"), "--coco-instances", str(files["instances"]),
+            "--images", str(files["images"]), "--synonyms", str(_need(COCO_SYNONYMS)),
+            "--device", "cpu", "--out", str(out), "--json"]
+
+    result = runner.invoke(app, [*args, "--coco-captions", str(files["captions"])])
+    assert result.exit_code == 0, result.output
+    chair = json.loads(out.read_text())["published"]["chair"]
+    assert chair["ground_truth"] == "instances+captions" and chair["rules"] == "coco-official"
+    assert chair["chair_s"] == pytest.approx(2 / 3)
+    assert chair["chair_i"] == pytest.approx(2 / 7)
+    assert chair["recall"] == pytest.approx(5 / 6)
+    assert chair["reference_captions"] == {"file": str(files["captions"]), "captions": 4,
+                                           "images_without": 1}
+    assert {c["image"]: c["from_captions"] for c in chair["captions"]} == {
+        "a.jpg": ["couch", "dog", "person"], "b.jpg": ["bed", "bird", "cat"], "c.jpg": []}
+    assert {c["image"]: c["objects"] for c in chair["captions"]} == {
+        "a.jpg": ["couch", "dog", "person"], "b.jpg": ["bed", "bird", "cat"], "c.jpg": []}
+    assert "ground truth: instances+captions" in result.output
+    assert "1 of 3 images have no reference caption" in result.output
+    assert "not directly comparable" not in result.output
+    last = json.loads(result.output.strip().splitlines()[-1])
+    assert last["published"]["chair"]["ground_truth"] == "instances+captions"
+
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    chair = json.loads(out.read_text())["published"]["chair"]
+    assert chair["ground_truth"] == "instances" and "reference_captions" not in chair
+    assert "from_captions" not in chair["captions"][0]
+    assert chair["chair_s"] == 1.0
+    assert chair["chair_i"] == pytest.approx(5 / 7)
+    assert "warning: CHAIR ground truth is the --coco-instances annotations only" in result.output
+    assert "not directly comparable with published CHAIR numbers" in result.output
 
 
 # --- end to end through the CLI -----------------------------------------------------------
@@ -343,6 +611,11 @@ def test_cli_eval_on_published_files(tiny_model: Path, published_files: dict[str
     rescored = chair_scores(captions, truth, SynonymMap.from_file(files["synonyms"]))
     assert {k: chair[k] for k in rescored} == rescored
     assert chair["n_captions"] == 3 and chair["prompt"] == "Describe the image."
+    assert chair["rules"] == "coco-official"  # the default for --coco-instances
+    assert chair["ground_truth"] == "instances"  # no --coco-captions: a warning says so
+    assert "not directly comparable with published CHAIR numbers" in result.output
+    finder = mention_finder(SynonymMap.from_file(files["synonyms"]), "coco-official")
+    assert all(c["mentions"] == finder(c["caption"]) for c in chair["captions"])
     assert chair["n_mentions"] == sum(len(c["mentions"]) for c in chair["captions"]) > 0
 
     last = json.loads(result.output.strip().splitlines()[-1])
@@ -350,6 +623,7 @@ def test_cli_eval_on_published_files(tiny_model: Path, published_files: dict[str
     assert "captions" not in last["published"]["chair"]
     assert last["published"]["chair"]["amber"] == chair["amber"]
     assert "POPE on published files" in result.output and "AMBER cover" in result.output
+    assert "CHAIR rules: coco-official" in result.output
 
     # The library gives the same answers and captions (greedy decoding, one batch).
     vlm = load_vlm(tiny_model)
@@ -378,3 +652,7 @@ def test_cli_eval_input_errors(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "line 1 (question_id 7): image not found" in result.output
     assert "gone.png" in result.output
+
+    result = runner.invoke(app, ["eval", "--model", str(tmp_path / "m"), "--pope-file", str(pope),
+                                 "--images", str(tmp_path / "img"), "--chair-rules", "nope"])
+    assert result.exit_code == 1 and "unknown CHAIR rule set 'nope'" in result.output

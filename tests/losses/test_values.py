@@ -22,6 +22,7 @@ from torch.testing import assert_close
 
 from dpalign.losses import (
     LOSSES,
+    TIE_RTOL,
     PairLogps,
     cdpo,
     dama,
@@ -33,6 +34,7 @@ from dpalign.losses import (
     ipo,
     mdpo,
     mmdpo,
+    reward_ties,
     robust,
     sft_nll,
     token_means,
@@ -74,6 +76,25 @@ def test_dpo_values_and_reward_metrics(pairs):
     assert_close(m["reward_rejected"], t(0.1 * -0.5, 0.1 * 2.5, 0.1 * -3.0))
     assert_close(m["reward_margin"], t(0.1, -0.15, 0.4))
     assert_close(m["reward_accuracy"], t(1.0, 0.0, 1.0))
+
+
+def test_rounding_margins_are_ties_and_count_zero() -> None:
+    """A tie is |margin| <= TIE_RTOL (1e-5) x the summed |log-probs|; it counts 0 accuracy.
+
+    Pair A: log-probs -20 / -25 / -20 / -25 (policy c, r, ref c, r) -> scale 90, tolerance
+    9e-4. Policy chosen moved by +8e-4 (margin 8e-4): a tie; by +1e-3: a win; by -1e-3: a
+    loss. Pair B is the policy equal to its reference up to float32 rounding (2 ulps), as a
+    second batch layout or another CPU's kernels give it: a tie, not a coin flip."""
+    ref = PairLogps(t(-20.0, -20.0, -20.0, -19.190580), t(-25.0, -25.0, -25.0, -23.5),
+                    t(4, 4, 4, 4), t(5, 5, 5, 5))
+    ulp = 2 * 1.9073486328125e-06  # two float32 ulps at magnitude 16-32
+    policy = PairLogps(t(-20.0 + 8e-4, -20.0 + 1e-3, -20.0 - 1e-3, -19.190580 + ulp),
+                       t(-25.0, -25.0, -25.0, -23.5 - ulp), t(4, 4, 4, 4), t(5, 5, 5, 5))
+    assert reward_ties(policy, ref).tolist() == [True, False, False, True]
+    m = dpo(policy, ref, beta=BETA).metrics
+    assert_close(m["reward_accuracy"], t(0.0, 1.0, 0.0, 0.0))
+    assert_close(m["reward_margin"], t(8e-5, 1e-4, -1e-4, 0.2 * ulp))  # margins stay as is
+    assert TIE_RTOL == 1e-5
 
 
 def test_ipo_values(pairs):

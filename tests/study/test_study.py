@@ -153,16 +153,20 @@ def test_a_different_study_in_the_same_directory_is_refused(finished: tuple) -> 
 
 def test_failing_run_is_recorded_and_the_others_finish(small_world: Path, tiny_model: Path,
                                                        tmp_path: Path) -> None:
-    """DP with K=2 and batch 4 cannot run (more expected pairs than units)."""
-    study = _study(small_world, tiny_model, epsilon=[math.inf, 4.0], k=[2])
+    """The DP runs ask for batches of 16 from K=8 pairs: refused before the model loads
+    (as without DP); the failure is recorded with its traceback and the other run ends."""
+    study = _study(small_world, tiny_model, epsilon=[math.inf, 4.0], k=[8])
+    study = study.model_copy(update={"overrides": {
+        "dp_sgd": {"optim.lr": 2e-3, "train.batch_size": 16}}})
     result = run_study(study, tmp_path / "s")
     runs = result.runs.set_index("run")
-    assert runs.loc["none-epsinf-k2-dpo-s0", "status"] == "ok"
-    assert runs.loc["dp_sgd-eps4-k2-dpo-s0", "status"] == "failed"
-    assert "exceeds the 2 privacy units" in runs.loc["dp_sgd-eps4-k2-dpo-s0", "error"]
-    error = json.loads((tmp_path / "s/runs/dp_sgd-eps4-k2-dpo-s0/error.json").read_text())
+    assert runs.loc["none-epsinf-k8-dpo-s0", "status"] == "ok"
+    assert runs.loc["dp_sgd-eps4-k8-dpo-s0", "status"] == "failed"
+    assert "train.batch_size=16 exceeds the 8 training pairs" in runs.loc[
+        "dp_sgd-eps4-k8-dpo-s0", "error"]
+    error = json.loads((tmp_path / "s/runs/dp_sgd-eps4-k8-dpo-s0/error.json").read_text())
     assert "Traceback" in error["traceback"]
-    assert result.points.set_index("point").loc["dp_sgd-eps4-k2-dpo", "n_failed"] == 1
+    assert result.points.set_index("point").loc["dp_sgd-eps4-k8-dpo", "n_failed"] == 1
 
 
 def test_killed_worker_is_recorded_as_failed_and_retried(small_world: Path, tiny_model: Path,

@@ -106,22 +106,33 @@ def test_packing_masks_rows_from_each_other() -> None:
 
 
 def test_projector_stage_lowers_the_loss_and_moves_only_the_projector(
-        built: BuiltModel, data: FeatureData) -> None:
+        built: BuiltModel, small_world: Path) -> None:
+    """What the stage must achieve: fit the projector to the captions it trains on. Here it
+    trains on two images only (both in every step: full-batch AdamW, no sampling), so the
+    measured loss is the objective it descends. 12 steps at lr 1e-2 (the loss first jumps,
+    as a fresh projector's first Adam steps overshoot, then falls): seen 2.44 -> 1.43 with
+    AVX-512 kernels and 2.44 -> 1.39 with AVX2 (0.57-0.59 x); required: below 0.75 x the
+    start, a margin CPU rounding does not come near. (An earlier form of this test, 6 steps
+    on other images than the measured ones, gave 0.88-0.90 x and failed on one machine at
+    a 0.9 threshold.)"""
     model = built.model
+    two = load_feature_data(World.load(small_world), model, built.processor, images=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    images = [1, 2]
-    first = batch_loss(built, data, images)
+    images = [0, 1]
+    first = batch_loss(built, two, images)
     projector = projector_only(model)
-    cfg = ProjectorPretrainConfig(**FAST, projector_steps=6, lm_steps=0)
-    result = train_stage("projector", model, projector, data, steps=6, lr=3e-3, cfg=cfg,
+    cfg = ProjectorPretrainConfig(**{**FAST, "batch_images": 2}, projector_steps=12,
+                                  lm_steps=0)
+    result = train_stage("projector", model, projector, two, steps=12, lr=1e-2, cfg=cfg,
                          gen=torch.Generator().manual_seed(0),
                          image_token_id=model.config.image_token_id,
                          pad_id=built.processor.tokenizer.pad_token_id)
-    assert [r["step"] for r in result.rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in result.rows] == list(range(1, 13))
     assert result.summary["trainable_parameters"] == sum(
         p.numel() for p in projector.parameters())
-    last = batch_loss(built, data, images)
-    assert last < 0.9 * first
+    assert result.rows[0]["loss"] == pytest.approx(first, rel=1e-4)  # same batch, same loss
+    last = batch_loss(built, two, images)
+    assert last < 0.75 * first, (first, last)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {k for k in before if k.startswith("model.multi_modal_projector.")}
     assert len(changed) == 4  # two linear layers, weight and bias

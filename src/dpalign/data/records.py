@@ -1,9 +1,11 @@
 """Read, validate and write preference JSONL files (schema in ``dpalign.data.schema``).
 
-The reader checks the whole file and raises one ``DataValidationError`` listing every
-problem with its file and 1-based line. Records come back with image paths made absolute;
-the writer stores them relative to the output file's folder when they lie under it, so a
-data folder (file + images) can be moved as a whole.
+The reader checks the whole file in one pass and raises one ``DataValidationError`` listing
+every problem with its file and 1-based line: schema errors of every line, duplicate ids and
+missing or unreadable images, including the ids and images of lines that break the schema.
+Records come back with image paths made absolute; the writer stores them relative to the
+output file's folder when they lie under it (or always, with ``relative_outside``), so a data
+folder (file + images) can be moved as a whole.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from dpalign.data.errors import DataIssue, DataValidationError
 from dpalign.data.schema import (
     PairMetadata,
     PreferenceRecord,
-    describe_validation_error,
     json_type_name,
+    validation_problems,
 )
 from dpalign.io import atomic_write_jsonl
 
@@ -45,8 +47,10 @@ def read_preference_jsonl(path: str | Path, *, check_images: bool = True) -> lis
     """Read and validate a preference JSONL file; image paths come back absolute.
 
     Blank lines are skipped. Every problem (bad JSON, schema errors, duplicate ids, missing
-    or unreadable images when ``check_images``) is collected, then all are raised together
-    as one ``DataValidationError``.
+    or unreadable images when ``check_images``) is collected in one pass, then all are
+    raised together, in line order, as one ``DataValidationError``. A line that breaks the
+    schema still has its id checked for duplicates and its image paths checked, so fixing
+    the reported problems does not uncover new ones.
     """
     path = Path(path)
     if not path.is_file():
@@ -60,19 +64,25 @@ def read_preference_jsonl(path: str | Path, *, check_images: bool = True) -> lis
     n_lines = 0
     for line_no, text in _non_blank_lines(path, issues):
         n_lines += 1
-        record = _parse_record(text, path, line_no, issues)
-        if record is None:
+        obj = _json_object(text, path, line_no, issues)
+        if obj is None:
             continue
-        if record.id in first_line_of_id:
-            message = f"duplicate id '{record.id}' (first on line {first_line_of_id[record.id]})"
-            issues.append(DataIssue(path, line_no, message))
-            continue
-        first_line_of_id[record.id] = line_no
-        resolved = tuple(_absolute(image, base) for image in record.images)
+        record = _validate_record(obj, path, line_no, issues)
+        record_id = record.id if record is not None else _raw_id(obj)
+        duplicate = record_id is not None and record_id in first_line_of_id
+        if record_id is not None and duplicate:
+            message = f"duplicate id '{record_id}' (first on line {first_line_of_id[record_id]})"
+            issues.append(DataIssue(path, line_no, message, "id"))
+        elif record_id is not None:
+            first_line_of_id[record_id] = line_no
         if check_images:
-            messages = _image_issues(record.images, resolved, image_problems)
-            issues.extend(DataIssue(path, line_no, message) for message in messages)
-        records.append(record.model_copy(update={"images": resolved}))
+            for field, image in _raw_images(obj):
+                problem = _cached_image_problem(_absolute(image, base), image_problems)
+                if problem is not None:
+                    issues.append(DataIssue(path, line_no, f"image '{image}' {problem}", field))
+        if record is not None and not duplicate:
+            resolved = tuple(_absolute(image, base) for image in record.images)
+            records.append(record.model_copy(update={"images": resolved}))
     if n_lines == 0 and not issues:
         issues.append(DataIssue(path, 0, "file is empty: no records"))
     if issues:
@@ -98,13 +108,17 @@ def write_preference_jsonl(
     records: Iterable[PreferenceRecord],
     *,
     relative_to: Path | None = None,
+    relative_outside: bool = False,
 ) -> Path:
     """Write records atomically, one JSON object per line; returns the path written.
 
     ``relative_to`` is the folder that *relative* image paths in ``records`` are relative
     to; when None they are taken as already relative to the output file's folder and
     written unchanged. Absolute paths under the output folder are written relative to it;
-    others stay absolute. Reading the file back gives equal records.
+    others stay absolute, unless ``relative_outside``: then they too are written relative
+    to the output folder (``../images/a.png``), so the file keeps working when the folder
+    that holds it and its images is moved as a whole. Reading the file back gives equal
+    records.
     """
     path = Path(path)
     folder = Path(os.path.normpath(path.parent.absolute()))
@@ -114,7 +128,8 @@ def write_preference_jsonl(
         if record.id in seen:
             raise ValueError(f"duplicate id '{record.id}': ids must be unique in a file")
         seen.add(record.id)
-        images = [_portable(image, folder, relative_to) for image in record.images]
+        images = [_portable(image, folder, relative_to, relative_outside)
+                  for image in record.images]
         rows.append(_to_row(record, images))
     return atomic_write_jsonl(path, rows)
 
@@ -132,10 +147,10 @@ def _non_blank_lines(path: Path, issues: list[DataIssue]) -> Iterator[tuple[int,
             yield line_no, text
 
 
-def _parse_record(
+def _json_object(
     text: str, path: Path, line_no: int, issues: list[DataIssue]
-) -> PreferenceRecord | None:
-    """Decode one line into a record, or add its problems to ``issues`` and return None."""
+) -> dict[str, Any] | None:
+    """Decode one line into a JSON object, or add its problem to ``issues`` and return None."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as error:
@@ -145,11 +160,40 @@ def _parse_record(
         message = f"line is not a JSON object (got {json_type_name(obj)})"
         issues.append(DataIssue(path, line_no, message))
         return None
+    return obj
+
+
+def _validate_record(
+    obj: dict[str, Any], path: Path, line_no: int, issues: list[DataIssue]
+) -> PreferenceRecord | None:
+    """The record ``obj`` describes, or None with its schema problems added to ``issues``."""
     try:
         return PreferenceRecord.model_validate(obj)
     except ValidationError as error:
-        issues.extend(DataIssue(path, line_no, m) for m in describe_validation_error(error))
+        issues.extend(DataIssue(path, line_no, message, field)
+                      for field, message in validation_problems(error))
         return None
+
+
+def _raw_id(obj: dict[str, Any]) -> str | None:
+    """The id of a line that breaks the schema, when its ``id`` alone would be valid."""
+    value = obj.get("id")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and value.strip():
+        return value
+    return None
+
+
+def _raw_images(obj: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, path) of each usable image path string of a line, valid record or not."""
+    if isinstance(obj.get("image"), str) and obj["image"].strip():
+        return [("image", obj["image"])]
+    images = obj.get("images")
+    if not isinstance(images, list):
+        return []
+    return [(f"images[{i}]", image) for i, image in enumerate(images)
+            if isinstance(image, str) and image.strip()]
 
 
 def _absolute(image: str, base: Path) -> str:
@@ -157,17 +201,11 @@ def _absolute(image: str, base: Path) -> str:
     return os.path.normpath(base / Path(image).expanduser())
 
 
-def _image_issues(
-    images: tuple[str, ...], resolved: tuple[str, ...], cache: dict[str, str | None]
-) -> list[str]:
-    """Messages for a record's unusable images; ``cache`` maps absolute path -> problem."""
-    messages = []
-    for image, absolute in zip(images, resolved, strict=True):
-        if absolute not in cache:
-            cache[absolute] = _image_problem(absolute)
-        if cache[absolute] is not None:
-            messages.append(f"image '{image}' {cache[absolute]}")
-    return messages
+def _cached_image_problem(absolute: str, cache: dict[str, str | None]) -> str | None:
+    """``_image_problem(absolute)``, opening each file once per read (``cache``)."""
+    if absolute not in cache:
+        cache[absolute] = _image_problem(absolute)
+    return cache[absolute]
 
 
 def _image_problem(absolute: str) -> str | None:
@@ -182,13 +220,17 @@ def _image_problem(absolute: str) -> str | None:
     return None
 
 
-def _portable(image: str, folder: Path, relative_to: Path | None) -> str:
+def _portable(
+    image: str, folder: Path, relative_to: Path | None, relative_outside: bool
+) -> str:
     """The path to store for ``image`` in a file that lives in ``folder``."""
     if relative_to is None and not Path(image).expanduser().is_absolute():
         return image
     absolute = Path(_absolute(image, (relative_to or folder).absolute()))
     if absolute.is_relative_to(folder):
         return absolute.relative_to(folder).as_posix()
+    if relative_outside:
+        return Path(os.path.relpath(absolute, folder)).as_posix()
     return str(absolute)
 
 

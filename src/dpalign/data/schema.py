@@ -165,19 +165,25 @@ def _did_you_mean(name: str) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def describe_validation_error(error: ValidationError) -> list[str]:
-    """One short, user-facing message per problem in a record's ``ValidationError``."""
-    messages = []
+def validation_problems(error: ValidationError) -> list[tuple[str | None, str]]:
+    """(field, message) per problem in a record's ``ValidationError``; field is the dotted
+    location (``"metadata.user_id"``, ``"images[0]"``), None for record-level problems."""
+    problems: list[tuple[str | None, str]] = []
     for item in error.errors():
         field = _location(item["loc"])
         template = _MESSAGES.get(item["type"])
         if template is None:
-            messages.append(f"field '{field}' {item['msg']}" if field else item["msg"])
-            continue
-        value = item.get("input")
-        context = {**item.get("ctx", {}), "field": field, "got": json_type_name(value)}
-        message = template.format(input=value, **context)
-        if item["type"] == "extra_forbidden" and len(item["loc"]) == 1:
-            message += _did_you_mean(field)
-        messages.append(message)
-    return messages
+            message = f"field '{field}' {item['msg']}" if field else item["msg"]
+        else:
+            value = item.get("input")
+            context = {**item.get("ctx", {}), "field": field, "got": json_type_name(value)}
+            message = template.format(input=value, **context)
+            if item["type"] == "extra_forbidden" and len(item["loc"]) == 1:
+                message += _did_you_mean(field)
+        problems.append((field or None, message))
+    return problems
+
+
+def describe_validation_error(error: ValidationError) -> list[str]:
+    """One short, user-facing message per problem in a record's ``ValidationError``."""
+    return [message for _, message in validation_problems(error)]

@@ -9,10 +9,18 @@ objects. Over a set of captions (DESIGN.md §5):
 - CHAIR_i = hallucinated mentions / all mentions;
 - recall = ground-truth categories mentioned at least once / ground-truth categories.
 
-Object extraction is deliberately simple and dependency-free (see
-:func:`extract_objects`); it does not reproduce the hand-written special cases of the
-authors' script (e.g. "baby elephant", "passenger jet", "toilet seat"), so its numbers
-can differ slightly from published CHAIR values on the same captions.
+Which words are mentions is decided by a named *rule set* (:data:`CHAIR_RULES`):
+
+- ``"dpalign"`` (:func:`extract_objects`): simple and dependency-free, longest synonym
+  first, plain plural rules. Used for the synthetic world.
+- ``"coco-official"`` (:class:`~dpalign.eval.chair_coco.CocoOfficialRules`): the CHAIR
+  authors' hand-written COCO rules ("baby elephant" is an elephant, "toilet seat" a
+  toilet, "train track" no train, their tokeniser and singulariser), so that scores on
+  COCO captions compare with published CHAIR values -- given the authors' ground truth
+  too, which adds the objects named in an image's COCO reference captions, read with the
+  same rules (:func:`dpalign.eval.coco.caption_objects`).
+
+Every :class:`ChairMetrics` records the rule set that produced it.
 """
 
 from __future__ import annotations
@@ -20,10 +28,22 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
-__all__ = ["ChairMetrics", "SynonymMap", "chair_metrics", "extract_objects"]
+from dpalign.eval.chair_coco import CocoOfficialRules
+
+__all__ = [
+    "CHAIR_RULES",
+    "DEFAULT_RULES",
+    "ChairMetrics",
+    "MentionFinder",
+    "SynonymMap",
+    "chair_metrics",
+    "extract_objects",
+    "mention_finder",
+]
 
 _WORD = re.compile(r"[a-z0-9]+")
 # Plural -> singular suffix rewrites, tried in this order; the first rewrite that
@@ -58,10 +78,16 @@ class SynonymMap:
     Surface words and category names are normalised the way captions are: lowercase,
     punctuation dropped, runs of whitespace collapsed. Every category is a surface
     word for itself. A surface word claimed by two different categories is an error.
+    :attr:`listed` keeps the surface words as written, for rules that match them verbatim.
     """
 
-    def __init__(self, surface_to_category: Mapping[str, str]) -> None:
-        """Build the map from ``{surface word: category}`` (categories map to themselves)."""
+    def __init__(self, surface_to_category: Mapping[str, str],
+                 listed: Iterable[tuple[str, str]] | None = None) -> None:
+        """Build the map from ``{surface word: category}`` (categories map to themselves).
+
+        ``listed`` holds the ``(surface word as written, category)`` pairs of the source
+        list (default: the items of ``surface_to_category``).
+        """
         by_tokens: dict[Tokens, str] = {}
         categories: dict[str, None] = {}  # insertion-ordered set
         for surface, category in surface_to_category.items():
@@ -81,9 +107,12 @@ class SynonymMap:
         self._by_tokens = by_tokens
         self._categories = tuple(categories)
         self._max_words = max((len(key) for key in by_tokens), default=0)
+        pairs = surface_to_category.items() if listed is None else listed
+        self._listed = tuple((surface, " ".join(_tokens(category))) for surface, category in pairs)
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Iterable[str]]) -> SynonymMap:
+    def from_mapping(cls, mapping: Mapping[str, Iterable[str]],
+                     listed: Iterable[tuple[str, str]] | None = None) -> SynonymMap:
         """Build the map from ``{category: [synonyms]}``; the category is itself a synonym."""
         surface_to_category: dict[str, str] = {}
         for category, synonyms in mapping.items():
@@ -94,7 +123,7 @@ class SynonymMap:
                     raise ValueError(
                         f"synonym {synonym!r} listed under both {claimed!r} and {category!r}"
                     )
-        return cls(surface_to_category)
+        return cls(surface_to_category, listed)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> SynonymMap:
@@ -102,20 +131,29 @@ class SynonymMap:
 
         The first entry of a line is the category name, the rest its synonyms.
         Blank lines and empty entries are ignored; stray spaces, repeated entries and
-        multi-word entries are fine.
+        multi-word entries are fine. :attr:`listed` keeps the entries as the CHAIR
+        authors' script reads them: each stripped line split on ", " exactly, so an
+        entry after a double space keeps its leading space (" motor bike").
         """
         mapping: dict[str, list[str]] = {}
+        listed: list[tuple[str, str]] = []
         with open(path, encoding="utf-8") as handle:
             for line in handle:
                 entries = [entry.strip() for entry in line.split(",") if entry.strip()]
                 if entries:
                     mapping.setdefault(entries[0], []).extend(entries[1:])
-        return cls.from_mapping(mapping)
+                    listed += [(verbatim, entries[0]) for verbatim in line.strip().split(", ")]
+        return cls.from_mapping(mapping, listed)
 
     @property
     def categories(self) -> tuple[str, ...]:
         """The category names, in the order they were first given."""
         return self._categories
+
+    @property
+    def listed(self) -> tuple[tuple[str, str], ...]:
+        """``(surface word as written in the source, category)`` pairs, in source order."""
+        return self._listed
 
     @property
     def max_words(self) -> int:
@@ -178,9 +216,48 @@ def _longest_match(tokens: Tokens, start: int, synonyms: SynonymMap) -> tuple[in
     return 1, None
 
 
+# --- rule sets ------------------------------------------------------------------------
+
+MentionFinder = Callable[[str], list[str]]
+"""Maps a caption to the categories it mentions, one entry per mention, in caption order."""
+
+
+def _dpalign_rules(synonyms: SynonymMap) -> MentionFinder:
+    """dpalign's own rules: :func:`extract_objects`."""
+    return lambda caption: extract_objects(caption, synonyms)
+
+
+def _coco_official_rules(synonyms: SynonymMap) -> MentionFinder:
+    """The CHAIR authors' COCO rules over the synonym list as they read it."""
+    return CocoOfficialRules(synonyms.listed)
+
+
+CHAIR_RULES: Mapping[str, Callable[[SynonymMap], MentionFinder]] = MappingProxyType({
+    "dpalign": _dpalign_rules,
+    "coco-official": _coco_official_rules,
+})
+"""Rule sets by name; each builds a :data:`MentionFinder` from a synonym list."""
+
+DEFAULT_RULES = "dpalign"
+
+
+def mention_finder(synonyms: SynonymMap, rules: str = DEFAULT_RULES) -> MentionFinder:
+    """The mention finder of rule set ``rules`` (a key of :data:`CHAIR_RULES`).
+
+    Raises:
+        ValueError: if ``rules`` is not a known rule set (the message lists them).
+    """
+    if rules not in CHAIR_RULES:
+        raise ValueError(f"unknown CHAIR rule set {rules!r}; known: {sorted(CHAIR_RULES)}")
+    return CHAIR_RULES[rules](synonyms)
+
+
+# --- metrics --------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class ChairMetrics:
-    """CHAIR scores over a set of captions.
+    """CHAIR scores over a set of captions, and the rule set that found the mentions.
 
     ``n_mentions`` counts all object mentions and ``n_hallucinated`` the hallucinated
     ones (mentions, not captions), so ``chair_i == n_hallucinated / n_mentions``.
@@ -192,8 +269,9 @@ class ChairMetrics:
     n_captions: int
     n_mentions: int
     n_hallucinated: int
+    rules: str = DEFAULT_RULES
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int | str]:
         """The scores as a plain dict, e.g. for a JSON report."""
         return dataclasses.asdict(self)
 
@@ -213,23 +291,27 @@ def chair_metrics(
     captions: Sequence[str],
     gt_objects: Sequence[Collection[str]],
     synonyms: SynonymMap,
+    *,
+    rules: str = DEFAULT_RULES,
 ) -> ChairMetrics:
     """Score captions against each image's ground-truth object categories.
 
     ``gt_objects[k]`` holds the category names (as in ``synonyms.categories``; case
     and spacing are normalised, repeats ignored) present in the image of
-    ``captions[k]``. Mentions are those of :func:`extract_objects`, and a category
-    mentioned several times in one caption counts once *per mention* in CHAIR_i,
-    both in the numerator (if hallucinated) and in the denominator. Recall counts
+    ``captions[k]``. Mentions are those found by the rule set ``rules`` (a key of
+    :data:`CHAIR_RULES`); a category mentioned several times in one caption counts
+    once *per mention* in CHAIR_i, both in the numerator (if hallucinated) and in the
+    denominator (as in the authors' script). Recall counts
     each ground-truth category of a caption once, however often it is mentioned.
     A ratio with a zero denominator (no mentions at all, no ground-truth objects at
     all) is reported as 0.0.
 
     Raises:
-        ValueError: if ``captions`` is empty, the two sequences differ in length, or
-            a ground-truth name is not a category of ``synonyms``.
+        ValueError: if ``captions`` is empty, the two sequences differ in length, a
+            ground-truth name is not a category of ``synonyms``, or ``rules`` is unknown.
         TypeError: if an entry of ``gt_objects`` is a bare string.
     """
+    find_mentions = mention_finder(synonyms, rules)
     if len(captions) != len(gt_objects):
         raise ValueError(f"{len(captions)} captions but {len(gt_objects)} ground-truth object sets")
     if not captions:
@@ -239,7 +321,7 @@ def chair_metrics(
     gt_total = gt_mentioned = 0
     for index, (caption, objects) in enumerate(zip(captions, gt_objects, strict=True)):
         truth = _ground_truth(objects, index, known)
-        mentions = extract_objects(caption, synonyms)
+        mentions = find_mentions(caption)
         # Every mention counts, repeats included: the authors' chair.py adds
         # len(node_words) per caption to the mention count and one hallucination per
         # node word outside the ground truth, with no de-duplication.
@@ -256,4 +338,5 @@ def chair_metrics(
         n_captions=len(captions),
         n_mentions=mentions_total,
         n_hallucinated=hallucinated_total,
+        rules=rules,
     )

@@ -7,27 +7,48 @@
      "categories": [{"id": 18, "name": "dog", ...}]}
 
 and returns, for every listed image, the set of category names annotated in it (an image
-with no annotation maps to an empty set). :func:`chair_scores` scores captions against
-that ground truth with a CHAIR synonym list. Ground truth here is the segmentation
-annotations only; the CHAIR authors also add objects named in the reference captions.
+with no annotation maps to an empty set). :func:`load_coco_instances` also keeps each
+image's id. :func:`read_coco_captions` reads a COCO captions file
+(``captions_val2014.json``):
+
+    {"images": [...], "annotations": [{"image_id": 1, "caption": "A dog on a sofa.", ...}]}
+
+The CHAIR authors' ground truth for an image (``utils/chair.py`` in LisaAnne/Hallucination,
+``CHAIR.get_annotations``) is the union of its instance categories and of the objects its
+reference captions mention, found with the same word rules as the generated captions;
+:func:`caption_objects` gives the latter. :func:`chair_scores` scores captions against a
+ground truth with a CHAIR synonym list, by default under the CHAIR authors' COCO rules
+(:data:`COCO_RULES`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dpalign.eval.amber import amber_metrics
-from dpalign.eval.chair import SynonymMap, chair_metrics, extract_objects
+from dpalign.eval.chair import MentionFinder, SynonymMap, chair_metrics, mention_finder
 
-__all__ = ["CocoFormatError", "chair_scores", "read_coco_instances"]
+__all__ = [
+    "COCO_RULES",
+    "CocoFormatError",
+    "CocoInstances",
+    "caption_objects",
+    "chair_scores",
+    "load_coco_instances",
+    "read_coco_captions",
+    "read_coco_instances",
+]
+
+COCO_RULES = "coco-official"  # the CHAIR rule set for COCO captions unless told otherwise
 
 
 class CocoFormatError(ValueError):
-    """A COCO instances file does not follow the standard layout.
+    """A COCO instances or captions file does not follow the standard layout.
 
     The message names the file, the entry (e.g. ``annotations[12]``) and the problem;
     the same facts are available as ``path``, ``entry`` and ``problem``.
@@ -47,7 +68,7 @@ def _is_id(value: Any) -> bool:
 
 
 def _is_text(value: Any) -> bool:
-    """File and category names are strings."""
+    """File names, category names and captions are strings."""
     return isinstance(value, str)
 
 
@@ -55,6 +76,7 @@ Check = Callable[[Any], bool]
 _IMAGE_FIELDS: dict[str, Check] = {"id": _is_id, "file_name": _is_text}
 _CATEGORY_FIELDS: dict[str, Check] = {"id": _is_id, "name": _is_text}
 _ANNOTATION_FIELDS: dict[str, Check] = {"image_id": _is_id, "category_id": _is_id}
+_CAPTION_FIELDS: dict[str, Check] = {"image_id": _is_id, "caption": _is_text}
 
 
 def _entries(path: Path, doc: Mapping[str, Any], key: str,
@@ -89,8 +111,28 @@ def _index(path: Path, key: str, items: list[Mapping[str, Any]], field: str,
     return {item[field]: item[value] for item in items}
 
 
-def read_coco_instances(path: str | os.PathLike[str]) -> dict[str, set[str]]:
-    """``{image file_name: set of annotated category names}`` from a COCO instances file.
+def _load(path: Path) -> Mapping[str, Any]:
+    """The JSON object in ``path``; malformed JSON or another JSON value is an error."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CocoFormatError(path, None, f"malformed JSON ({exc.msg}, line {exc.lineno})") from exc
+    if not isinstance(doc, Mapping):
+        raise CocoFormatError(path, None, f"expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+@dataclass(frozen=True)
+class CocoInstances:
+    """The images of a COCO instances file: ``file_names`` (image id -> file name) and
+    ``objects`` (file name -> set of annotated category names)."""
+
+    file_names: Mapping[Any, str]
+    objects: Mapping[str, set[str]]
+
+
+def load_coco_instances(path: str | os.PathLike[str]) -> CocoInstances:
+    """Image ids, file names and annotated category names of a COCO instances file.
 
     Raises:
         CocoFormatError: on malformed JSON, a missing top-level key, an entry that is not
@@ -100,12 +142,7 @@ def read_coco_instances(path: str | os.PathLike[str]) -> dict[str, set[str]]:
             the entry, e.g. ``annotations[3]: image_id 42 is not an id in images``.
     """
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CocoFormatError(path, None, f"malformed JSON ({exc.msg}, line {exc.lineno})") from exc
-    if not isinstance(doc, Mapping):
-        raise CocoFormatError(path, None, f"expected a JSON object, got {type(doc).__name__}")
+    doc = _load(path)
     images = _entries(path, doc, "images", _IMAGE_FIELDS)
     categories = _entries(path, doc, "categories", _CATEGORY_FIELDS)
     annotations = _entries(path, doc, "annotations", _ANNOTATION_FIELDS)
@@ -120,7 +157,46 @@ def read_coco_instances(path: str | os.PathLike[str]) -> dict[str, set[str]]:
                 raise CocoFormatError(path, f"annotations[{index}]",
                                       f"{field} {ann[field]!r} is not an id in {listed}")
         truth[file_of[ann["image_id"]]].add(name_of[ann["category_id"]])
-    return truth
+    return CocoInstances(file_of, truth)
+
+
+def read_coco_instances(path: str | os.PathLike[str]) -> dict[str, set[str]]:
+    """``{image file_name: set of annotated category names}`` from a COCO instances file.
+
+    Raises:
+        CocoFormatError: as :func:`load_coco_instances`.
+    """
+    return dict(load_coco_instances(path).objects)
+
+
+def read_coco_captions(path: str | os.PathLike[str]) -> dict[Any, list[str]]:
+    """``{image_id: [reference captions, in file order]}`` from a COCO captions file.
+
+    Only ``annotations`` is read (each entry needs an ``image_id`` and a string
+    ``caption``); the ``images`` list is not needed, since captions join instance images
+    by id, as in the CHAIR authors' script. Image ids are not checked against anything
+    here: ids of images that are not evaluated are simply never looked up.
+
+    Raises:
+        CocoFormatError: on malformed JSON, no ``annotations`` list, or an entry that is
+            not an object or lacks a valid ``image_id``/``caption``; the message names the
+            file and the entry, e.g. ``annotations[3]: missing key 'caption'``.
+    """
+    path = Path(path)
+    captions: dict[Any, list[str]] = {}
+    for ann in _entries(path, _load(path), "annotations", _CAPTION_FIELDS):
+        captions.setdefault(ann["image_id"], []).append(ann["caption"])
+    return captions
+
+
+def caption_objects(captions: Iterable[str], find_mentions: MentionFinder) -> set[str]:
+    """The categories any of ``captions`` mentions (reference captions -> ground truth).
+
+    This is the CHAIR authors' ``get_annotations_from_captions``: each reference caption
+    goes through the same word rules as a generated one and its categories join the
+    image's ground truth.
+    """
+    return {category for caption in captions for category in find_mentions(caption)}
 
 
 def _categories(names: Collection[str], synonyms: SynonymMap, where: str) -> set[str]:
@@ -137,6 +213,8 @@ def chair_scores(
     truth: Mapping[str, Collection[str]],
     synonyms: SynonymMap,
     prone: Mapping[str, Collection[str]] | None = None,
+    *,
+    rules: str = COCO_RULES,
 ) -> dict[str, Any]:
     """CHAIR (``chair_s``, ``chair_i``, ``recall``, counts) and AMBER scores of captions.
 
@@ -144,15 +222,18 @@ def chair_scores(
     its object names (e.g. from :func:`read_coco_instances`), ``prone`` (optional) to its
     hallucination-prone objects for AMBER's Cog. Names in ``truth``/``prone`` may be
     categories or synonyms of the list; both map to the category. Images are scored in
-    sorted order; ``truth`` may hold more images than ``captions``.
-    Returns the :class:`~dpalign.eval.chair.ChairMetrics` fields plus ``"amber"``, the
-    :class:`~dpalign.eval.amber.AmberMetrics` dict (CHAIR, Cover, Hal, Cog).
+    sorted order; ``truth`` may hold more images than ``captions``. ``rules`` names the
+    CHAIR rule set (:data:`dpalign.eval.chair.CHAIR_RULES`) that finds the mentions for
+    both CHAIR and AMBER.
+    Returns the :class:`~dpalign.eval.chair.ChairMetrics` fields (``rules`` included) plus
+    ``"amber"``, the :class:`~dpalign.eval.amber.AmberMetrics` dict (CHAIR, Cover, Hal, Cog).
 
     Raises:
         ValueError: if there are no captions, a captioned image has no ground truth (or no
-            prone list when ``prone`` is given), or a name is not in the synonym list;
-            the message names the image.
+            prone list when ``prone`` is given), a name is not in the synonym list (the
+            message names the image), or ``rules`` is unknown.
     """
+    find_mentions = mention_finder(synonyms, rules)
     files = sorted(captions)
     for name, table in (("ground truth", truth), ("hallucination-prone list", prone)):
         missing = [f for f in files if table is not None and f not in table]
@@ -163,7 +244,7 @@ def chair_scores(
     texts = [captions[f] for f in files]
     likely = None if prone is None else [
         _categories(prone[f], synonyms, f"prone list of {f!r}") for f in files]
-    mentions = [extract_objects(text, synonyms) for text in texts]
-    scores: dict[str, Any] = chair_metrics(texts, truths, synonyms).to_dict()
+    mentions = [find_mentions(text) for text in texts]
+    scores: dict[str, Any] = chair_metrics(texts, truths, synonyms, rules=rules).to_dict()
     scores["amber"] = amber_metrics(mentions, truths, likely).to_dict()
     return scores

@@ -14,7 +14,9 @@ def preference_metrics(policy: PairLogps, ref: PairLogps, beta: float) -> dict[s
                         model itself prefers the chosen answer; defined for the base model.
     pref_accuracy_mean: the same with per-token mean log-probs (length-neutral).
     reward_accuracy, reward_margin, reward_chosen, reward_rejected: DPO's implicit rewards
-                        beta * (log pi - log ref); all 0 for the base model itself.
+                        beta * (log pi - log ref); all 0 for the base model itself. A pair
+                        whose margin is within rounding of 0 (``losses.reward_ties``) is a
+                        tie and counts 0 in reward_accuracy.
     """
     with torch.no_grad():
         rewards = reward_metrics(policy, ref, beta)

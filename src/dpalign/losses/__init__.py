@@ -17,7 +17,14 @@ from typing import Any
 
 from torch import Tensor
 
-from dpalign.losses.base import LossOut, PairLogps, implicit_rewards, reward_metrics
+from dpalign.losses.base import (
+    TIE_RTOL,
+    LossOut,
+    PairLogps,
+    implicit_rewards,
+    reward_metrics,
+    reward_ties,
+)
 from dpalign.losses.cdpo import CdpoParams, cdpo
 from dpalign.losses.dama import (
     DamaParams,
@@ -115,6 +122,7 @@ def get_loss(name: str) -> LossSpec:
 
 __all__ = [
     "LOSSES",
+    "TIE_RTOL",
     "LossFn",
     "LossOut",
     "LossParams",
@@ -135,6 +143,7 @@ __all__ = [
     "mdpo",
     "mmdpo",
     "reward_metrics",
+    "reward_ties",
     "robust",
     "sft_nll",
     "token_means",

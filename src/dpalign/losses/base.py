@@ -87,10 +87,34 @@ def implicit_rewards(policy: PairLogps, ref: PairLogps, beta: float) -> tuple[Te
     return beta * (policy.chosen - ref.chosen), beta * (policy.rejected - ref.rejected)
 
 
+# A pair whose log-ratio margin is within TIE_RTOL of the log-probs' magnitude is a tie.
+# Scoring the same model in two batch layouts, or with AVX2 vs AVX-512 kernels, moves a
+# summed float32 log-prob by up to ~2.3e-7 relative (measured on the tiny preset); 1e-5 is
+# ~80 float32 ulps, 40x that, and far below any margin one optimizer step produces.
+TIE_RTOL = 1e-5
+
+
+def reward_ties(policy: PairLogps, ref: PairLogps) -> Tensor:
+    """(B,) bool: the pair's margin (log pi - log ref)(chosen) - (...)(rejected) is within
+    ``TIE_RTOL * (|log pi(y_w)| + |log ref(y_w)| + |log pi(y_l)| + |log ref(y_l)|)`` of 0,
+    i.e. indistinguishable from rounding: a policy equal to its reference ties on every pair
+    however the two were batched."""
+    margin = (policy.chosen - ref.chosen) - (policy.rejected - ref.rejected)
+    scale = (policy.chosen.abs() + ref.chosen.abs() + policy.rejected.abs()
+             + ref.rejected.abs())
+    return margin.abs() <= TIE_RTOL * scale
+
+
 def reward_metrics(policy: PairLogps, ref: PairLogps, beta: float) -> dict[str, Tensor]:
-    """The diagnostics every loss reports, detached, each (B,)."""
+    """The diagnostics every loss reports, detached, each (B,).
+
+    ``reward_accuracy`` is 1 where the chosen answer's implicit reward exceeds the
+    rejected one's by more than rounding (``reward_ties``); a tie counts 0, as a strict
+    ``chosen > rejected`` does in TRL, so the untrained policy scores exactly 0.
+    """
     with torch.no_grad():
         chosen, rejected = implicit_rewards(policy, ref, beta)
+        wins = (chosen > rejected) & ~reward_ties(policy, ref)
         return {"reward_chosen": chosen, "reward_rejected": rejected,
                 "reward_margin": chosen - rejected,
-                "reward_accuracy": (chosen > rejected).to(chosen.dtype)}
+                "reward_accuracy": wins.to(chosen.dtype)}

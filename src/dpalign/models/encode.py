@@ -4,6 +4,7 @@ The prompt goes through the processor's chat template (list content: one image p
 text part), so the image placeholder is expanded the way the model expects. The response is
 tokenised on its own and ends with the end-of-turn token; padding puts response tokens
 where the loss can find them. Shapes: ``B`` examples, ``L`` tokens after padding.
+``max_positions`` reads how long a row the model takes (the trainer refuses longer pairs).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from transformers import ProcessorMixin
+from transformers import PretrainedConfig, ProcessorMixin
 
 IGNORE = -100
 
@@ -66,6 +67,20 @@ def response_ids(processor: ProcessorMixin, response: str) -> list[int]:
     """Token ids of ``response`` followed by the end-of-turn (eos) token."""
     tokenizer = processor.tokenizer  # type: ignore[attr-defined]
     return [*tokenizer(response, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    """The most positions the model's language part takes (``max_position_embeddings`` of the
+    text config, or its older names), or None when the config names no limit."""
+    text = config.get_text_config()
+    for key in POSITION_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 @dataclass(frozen=True)

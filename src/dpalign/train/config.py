@@ -35,6 +35,11 @@ class DataConfig(Section):
     k: int | None = Field(None, ge=1, description="few-shot size; None = the whole file")
     seed: int = 0
     hardness_field: str = "hardness_score"
+    max_length: int | None = Field(
+        None, ge=1, description="most tokens in a row (templated prompt with its image "
+                                "tokens + the longer response); a longer pair is refused "
+                                "before training, never cut. None = the model's maximum "
+                                "positions (text config max_position_embeddings)")
 
 
 class LossConfig(Section):

@@ -9,7 +9,18 @@ Run directory::
     result.json          summary, written last (its presence means the run finished)
 
 ``resume=True`` continues from the newest checkpoint: metrics and evaluations after it are
-dropped and recomputed, so the finished run equals an uninterrupted one.
+dropped and recomputed, so the finished run equals an uninterrupted one. A torn last line of
+``metrics.jsonl`` or ``eval.jsonl`` (a kill or a full disk mid-append) is dropped with a
+warning; an unreadable earlier line is an error naming the file and line.
+
+Bad input fails before the first step and leaves the directory as it was found (a fresh
+start into an empty ``out`` leaves it empty, into a new one removes it). The data and the
+settings are checked before anything is written or the model loads (``check_run``: data.k
+against the pool, train.batch_size against the training pairs and privacy units, a privacy
+budget that allows at least one step); token lengths are checked once the processor is
+loaded, before the model runs: a pair longer than the model's maximum positions (or
+``data.max_length``) is refused, never cut. A run the privacy budget stops early reports
+the steps it took (``result.json`` ``steps``; ``planned_steps`` the configured ones).
 """
 
 from __future__ import annotations
@@ -18,7 +29,8 @@ import math
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -31,6 +43,7 @@ from dpalign.data.collate import EncodedPair, PairBatch, encode_pairs
 from dpalign.data.fewshot import few_shot
 from dpalign.data.records import read_preference_jsonl
 from dpalign.data.sampling import batch_indices, steps_per_epoch
+from dpalign.data.schema import PreferenceRecord
 from dpalign.eval.preference import preference_metrics
 from dpalign.io import (
     append_jsonl,
@@ -38,13 +51,14 @@ from dpalign.io import (
     atomic_write_json,
     atomic_write_jsonl,
     atomic_write_text,
-    read_jsonl,
+    read_log_jsonl,
 )
 from dpalign.losses import dama_alpha_model, dama_batch_gap, update_running_mean
 from dpalign.losses.base import LossOut, PairLogps
+from dpalign.models.encode import max_positions
 from dpalign.models.load import load_vlm, resolve_device, resolve_dtype
 from dpalign.models.lora import merged, prepare_trainable
-from dpalign.privacy.accounting import Ledger
+from dpalign.privacy.accounting import Ledger, epsilon
 from dpalign.privacy.label_dp import flip_probability, randomized_response
 from dpalign.privacy.per_pair import Engine, make_engine
 from dpalign.progress import make_progress
@@ -69,43 +83,202 @@ class RunDirError(ValueError):
     """The run directory holds another run, or nothing to resume."""
 
 
+class SequenceLengthError(ValueError):
+    """A pair's tokens do not fit the model's positions (or ``data.max_length``)."""
+
+
+class PrivacyBudgetError(ValueError):
+    """The target epsilon allows not even one step."""
+
+
 @dataclass(frozen=True)
 class TrainResult:
+    """``steps``: the steps taken (fewer than ``planned_steps`` when the privacy budget
+    stopped the run; ``stopped`` then says why)."""
+
     out: Path
     steps: int
     final_metrics: dict[str, Any]
     evaluations: list[dict[str, Any]]
     wall_seconds: float
+    planned_steps: int = 0
+    stopped: str | None = None
 
 
-def _prepare_dir(out: Path, cfg: TrainConfig, resume: bool) -> None:
-    saved = out / "config.yaml"
+def _same_config(saved: Any, cfg: TrainConfig) -> bool:
+    """Whether a run's saved config is ``cfg`` (settings added since it was written take
+    their defaults)."""
     wanted = cfg.model_dump(mode="json")
+    if saved == wanted:
+        return True
+    try:
+        return TrainConfig.model_validate(saved).model_dump(mode="json") == wanted
+    except ValueError:
+        return False
+
+
+def _check_dir(out: Path, cfg: TrainConfig, resume: bool) -> None:
+    """Refuse a resume of no run or of another config, and a fresh start into a non-empty
+    directory; writes nothing."""
+    saved = out / "config.yaml"
     if resume:
         if not saved.is_file():
             raise RunDirError(f"{out}: no run to resume (config.yaml missing)")
-        if yaml.safe_load(saved.read_text()) != wanted:
+        if not _same_config(yaml.safe_load(saved.read_text()), cfg):
             raise RunDirError(f"{out}: --resume with a config that differs from the run's "
                               f"{saved}; resume with the same config")
-        return
-    if out.exists() and any(out.iterdir()):
+    elif out.is_dir() and any(out.iterdir()):
         raise RunDirError(f"{out}: not empty; pass --resume to continue it or choose another "
                           "--out")
+
+
+def _start_dir(out: Path, cfg: TrainConfig) -> None:
+    """Create ``out`` with the resolved config and the environment's versions."""
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, yaml.safe_dump(wanted, sort_keys=False))
+    atomic_write_text(out / "config.yaml",
+                      yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     atomic_write_json(out / "env.json", {
         "python": platform.python_version(), "platform": platform.platform(),
         "threads": torch.get_num_threads(),
         **{p: version(p) for p in ("torch", "transformers", "peft", "dpalign")}})
 
 
+@contextmanager
+def _undone_on_failure(out: Path) -> Iterator[None]:
+    """On an error inside, put ``out`` back as it was found: remove it (and the parents
+    made for it) when it did not exist, empty it when it existed (empty, as checked)."""
+    created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
+    try:
+        yield
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        elif out.is_dir():
+            for child in out.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        raise
+
+
 def _truncate(path: Path, step: int) -> list[dict[str, Any]]:
-    """Keep the rows of a JSONL log with ``step <= step`` (rewritten atomically)."""
+    """Keep the rows of a JSONL log with ``step <= step`` (rewritten atomically); a torn
+    last line is dropped (``read_log_jsonl``)."""
     if not path.is_file():
         return []
-    kept = [r for r in read_jsonl(path) if r["step"] <= step]
+    rows = read_log_jsonl(path)
+    bad = next((n for n, r in enumerate(rows, start=1) if not isinstance(r.get("step"), int)),
+               None)
+    if bad is not None:
+        raise RunDirError(f"{path}: row {bad} has no integer 'step'")
+    kept = [r for r in rows if r["step"] <= step]
     atomic_write_jsonl(path, kept)
     return kept
+
+
+def _check_history(path: Path, rows: list[dict[str, Any]], start: int) -> None:
+    """The metrics kept on resume must be one row for each step 1..start (the checkpoint's)."""
+    steps = [r["step"] for r in rows]
+    if steps != list(range(1, start + 1)):
+        missing = sorted(set(range(1, start + 1)) - set(steps))
+        problem = (f"no row for step(s) {missing[:5]}" if missing
+                   else f"{len(steps)} rows for steps 1..{start}, out of order or repeated")
+        raise RunDirError(f"{path}: {problem}, though the newest checkpoint is at step "
+                          f"{start}; resume needs one row per step up to it")
+
+
+def _check_sizes(cfg: TrainConfig, pool: int) -> None:
+    """Refuse data.k above the ``pool`` of pairs and train.batch_size above the training
+    pairs (with DP or without: a batch cannot hold more pairs than there are)."""
+    k, batch = cfg.data.k, cfg.train.batch_size
+    if k is not None and k > pool:
+        raise ValueError(f"data.k={k} but {cfg.data.train} holds {pool} pairs; set "
+                         f"data.k <= {pool}")
+    n = pool if k is None else k
+    if batch > n:
+        source = (f"data.k={k}" if k is not None
+                  else f"data.k unset: all {n} pairs of {cfg.data.train}")
+        raise ValueError(f"train.batch_size={batch} exceeds the {n} training pairs ({source}); "
+                         f"a step cannot take more pairs than there are: set "
+                         f"train.batch_size <= {n}" + (f" or data.k >= {batch}"
+                                                       if k is not None and batch <= pool
+                                                       else ""))
+
+
+def _privacy_plan(cfg: TrainConfig, n_units: int, total: int) -> PrivacyPlan | None:
+    """The DP plan (None without DP); refuses a target epsilon the first step would exceed."""
+    if not cfg.privacy.enabled:
+        return None
+    p = cfg.privacy
+    plan = plan_privacy(p, n_units, cfg.train.batch_size, total)
+    if plan.budget_steps == 0:
+        first = epsilon(Ledger().append(plan.entry(p)), p.delta, p.accountant)
+        raise PrivacyBudgetError(
+            f"privacy.target_epsilon={p.target_epsilon:g} allows no step: the first step "
+            f"alone (sigma {plan.sigma:g}, sample rate {plan.sample_rate:g}) costs epsilon "
+            f"{first:.4g} at delta {p.delta:g}; raise privacy.target_epsilon or "
+            "privacy.noise_multiplier")
+    return plan
+
+
+@dataclass(frozen=True)
+class RunData:
+    """The run's training records (few-shot split, label noise applied), held-out records,
+    planned steps, privacy units and DP plan: everything ``check_run`` derives from the data
+    and the settings."""
+
+    records: list[PreferenceRecord]
+    held: list[PreferenceRecord]
+    total: int
+    units: list[list[int]]
+    plan: PrivacyPlan | None
+
+
+def check_run(cfg: TrainConfig) -> RunData:
+    """Read the data files and check the settings against them (``_check_sizes``, the
+    privacy units and budget) before anything is written or the model loads."""
+    pool = read_preference_jsonl(cfg.data.train)
+    _check_sizes(cfg, len(pool))
+    records = few_shot(pool, cfg.data.k, cfg.data.seed)
+    if cfg.privacy.label_epsilon is not None:
+        records = list(randomized_response(records, cfg.privacy.label_epsilon,
+                                           cfg.data.seed).records)
+    held = (read_preference_jsonl(cfg.data.heldout)[:cfg.eval.heldout_pairs]
+            if cfg.data.heldout else [])
+    total = _total_steps(cfg, len(records))
+    units = privacy_units(records, [r.user_id for r in records],  # type: ignore[arg-type]
+                          cfg.privacy.unit)
+    return RunData(records, held, total, units, _privacy_plan(cfg, len(units), total))
+
+
+def _length_limit(cfg: TrainConfig, model: torch.nn.Module) -> tuple[int, str] | None:
+    """The most tokens a row may have and where that limit comes from, or None."""
+    limits = []
+    most = max_positions(model.config)  # type: ignore[arg-type]
+    if most is not None:
+        limits.append((most, f"the model's maximum positions, {cfg.model}/config.json"))
+    if cfg.data.max_length is not None:
+        limits.append((cfg.data.max_length, "data.max_length"))
+    return min(limits) if limits else None
+
+
+def _check_lengths(path: Path | None, pairs: list[EncodedPair],
+                   limit: tuple[int, str] | None) -> None:
+    """Refuse pairs whose prompt (image tokens included) + longer response exceed ``limit``
+    (they would be cut or run out of positions); the error names the first one."""
+    if limit is None:
+        return
+    most, source = limit
+    over = [p for p in pairs if len(p.prompt) + max(len(p.chosen), len(p.rejected)) > most]
+    if over:
+        p = over[0]
+        response = max(len(p.chosen), len(p.rejected))
+        raise SequenceLengthError(
+            f"{path}: record {p.id!r} is {len(p.prompt) + response} tokens long (prompt "
+            f"{len(p.prompt)} with its image tokens + longer response {response}), above the "
+            f"limit of {most} ({source}); {len(over)} of {len(pairs)} pairs are too long. "
+            "Over-long pairs are refused, not cut: shorten or drop them")
 
 
 def _check_inputs(cfg: TrainConfig, objective: Objective, pairs: list[EncodedPair]) -> None:
@@ -128,8 +301,12 @@ class Evaluator:
     def __call__(self, model: torch.nn.Module, step: int, final: bool = True) -> dict[str, Any]:
         row: dict[str, Any] = {"step": step}
         if self.held and self.held_ref is not None:
-            policy = compute_reference(model, self.held, self.pad_id, with_corrupt=False,
-                                       batch_size=self.cfg.eval.batch_size)
+            # At step 0 no parameter has moved (adapters start at B = 0): the policy IS the
+            # reference, so its log-probs are reused, not recomputed. A recomputation differs
+            # only by rounding (~1e-8 on some CPUs), which is no measurement of the policy.
+            policy = self.held_ref if step == 0 else compute_reference(
+                model, self.held, self.pad_id, with_corrupt=False,
+                batch_size=self.cfg.eval.batch_size)
             row |= {f"heldout_{k}": v for k, v in
                     preference_metrics(policy, self.held_ref, self.cfg.loss.beta).items()}
         world = self.cfg.eval.world
@@ -262,9 +439,11 @@ def initial_state() -> dict[str, Any]:
     return {"dama_running_mean": None, "ledger": Ledger().to_json()}
 
 
-def prepare(cfg: TrainConfig, out: Path) -> Session:
-    """Load the model and data, cache reference log-probs in ``out/reference``, add LoRA and
-    build the optimizer: everything before the first step."""
+def prepare(cfg: TrainConfig, out: Path, data: RunData | None = None) -> Session:
+    """Load the model and data (``data``: from ``check_run``, read now when None), refuse
+    over-long pairs, cache reference log-probs in ``out/reference``, add LoRA and build the
+    optimizer: everything before the first step."""
+    data = data if data is not None else check_run(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
@@ -275,51 +454,100 @@ def prepare(cfg: TrainConfig, out: Path) -> Session:
     pad_id = processor.tokenizer.pad_token_id  # type: ignore[attr-defined]
     objective = Objective.from_config(cfg.loss)
     with_corrupt = objective.spec.needs_corrupt
-    records = few_shot(read_preference_jsonl(cfg.data.train), cfg.data.k, cfg.data.seed)
-    if cfg.privacy.label_epsilon is not None:
-        noise = randomized_response(records, cfg.privacy.label_epsilon, cfg.data.seed)
-        records = list(noise.records)
-    pairs = encode_pairs(records, processor, corrupt_seed=cfg.data.seed if with_corrupt else None,
+    pairs = encode_pairs(data.records, processor,
+                         corrupt_seed=cfg.data.seed if with_corrupt else None,
                          hardness_field=cfg.data.hardness_field)
     _check_inputs(cfg, objective, pairs)
-    held = (encode_pairs(read_preference_jsonl(cfg.data.heldout)[:cfg.eval.heldout_pairs],
-                         processor, hardness_field=cfg.data.hardness_field)
+    held = (encode_pairs(data.held, processor, hardness_field=cfg.data.hardness_field)
             if cfg.data.heldout else [])
+    limit = _length_limit(cfg, model)
+    _check_lengths(cfg.data.train, pairs, limit)
+    _check_lengths(cfg.data.heldout, held, limit)
 
     ref = cached_reference(out / "reference" / "train.safetensors", model, pairs, pad_id,
                            model_dir=cfg.model, with_corrupt=with_corrupt).to(device)
     held_ref = (cached_reference(out / "reference" / "heldout.safetensors", model, held,
-                                 pad_id, model_dir=cfg.model, with_corrupt=False).to(device)
+                                 pad_id, model_dir=cfg.model, with_corrupt=False,
+                                 batch_size=cfg.eval.batch_size).to(device)
                 if held else None)
     model = prepare_trainable(model, cfg.lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    total = _total_steps(cfg, len(pairs))
-    optimizer, schedule = build_optimizer(params, cfg.optim, total)
-    units = privacy_units(pairs, [r.user_id for r in records], cfg.privacy.unit)
-    plan = (plan_privacy(cfg.privacy, len(units), cfg.train.batch_size, total)
-            if cfg.privacy.enabled else None)
+    optimizer, schedule = build_optimizer(params, cfg.optim, data.total)
     engine = (make_engine(cfg.privacy.engine, model,
                           {k: p for k, p in model.named_parameters() if p.requires_grad})
-              if plan else None)
+              if data.plan else None)
     return Session(cfg, model, processor, pairs, ref, objective, optimizer, schedule, params,
-                   Evaluator(cfg, processor, held, held_ref, pad_id), pad_id, total, units,
-                   plan, engine)
+                   Evaluator(cfg, processor, held, held_ref, pad_id), pad_id, data.total,
+                   data.units, data.plan, engine)
+
+
+def _open_run(cfg: TrainConfig, out: Path, resume: bool) -> Session:
+    """Check the data, settings and directory, then start (or reopen) ``out`` and prepare
+    the run; a failed fresh start leaves ``out`` as it was found."""
+    data = check_run(cfg)
+    _check_dir(out, cfg, resume)
+    if resume:
+        return prepare(cfg, out, data)
+    with _undone_on_failure(out):
+        _start_dir(out, cfg)
+        return prepare(cfg, out, data)
+
+
+def _evaluate(run: Session, out: Path, evaluations: list[dict[str, Any]], step: int,
+              final: bool = True) -> None:
+    evaluations.append(run.evaluate(run.model, step, final=final))
+    append_jsonl(out / "eval.jsonl", evaluations[-1])
+
+
+def _run_steps(run: Session, out: Path, start: int, state: dict[str, Any],
+               history: list[dict[str, Any]], evaluations: list[dict[str, Any]],
+               on_step: StepHook | None) -> str | None:
+    """Steps ``start + 1 .. total`` (logs, evaluations, checkpoints); the reason when the
+    privacy budget stopped them early, else None."""
+    cfg, total = run.cfg, run.total
+    with make_progress() as bar:
+        task = bar.add_task("train", total=total, completed=start, info="")
+        for step in range(start + 1, total + 1):
+            if run.plan is not None and step > run.plan.budget_steps:
+                stopped = (f"stopped before step {step}: one more step would take epsilon "
+                           f"above privacy.target_epsilon={cfg.privacy.target_epsilon}")
+                bar.console.print(stopped)
+                return stopped
+            row = run.step(step, state)
+            history.append(row)
+            append_jsonl(out / "metrics.jsonl", row)
+            if on_step:
+                on_step(row)
+            if cfg.eval.every and (step % cfg.eval.every == 0 or step == total):
+                _evaluate(run, out, evaluations, step, final=step == total)
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == total:
+                save_checkpoint(out / "checkpoints", step, run.model, run.optimizer,
+                                run.schedule, state, cfg.checkpoint.keep)
+            bar.update(task, advance=1, info=_progress_info(row))
+    return None
+
+
+def _privacy_summary(run: Session, state: dict[str, Any], taken: int) -> dict[str, Any] | None:
+    cfg = run.cfg
+    privacy = None
+    if run.plan is not None:
+        privacy = {**run.plan.to_dict(cfg.privacy), "steps_taken": taken,
+                   "epsilon": spent_epsilon(state, cfg.privacy)}
+    if cfg.privacy.label_epsilon is not None:
+        privacy = {**(privacy or {}), "label_epsilon": cfg.privacy.label_epsilon,
+                   "label_flip_rate": flip_probability(cfg.privacy.label_epsilon),
+                   "label_guarantee": "label-level DP: protects which answer was preferred, "
+                                      "not the images or texts"}
+    return privacy
 
 
 def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
           on_step: StepHook | None = None) -> TrainResult:
     """Train ``cfg.model`` on the preference pairs of ``cfg.data``; see the module doc."""
     out = _rank_dir(Path(out), cfg)
-    fresh = not resume and not out.exists()
-    _prepare_dir(out, cfg, resume)
     started = time.perf_counter()
-    try:
-        run = prepare(cfg, out)
-    except BaseException:
-        if fresh:  # bad input: leave nothing behind, so the same --out works once fixed
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    run = _open_run(cfg, out, resume)
     model, total = run.model, run.total
     state = initial_state()
     if run.plan is not None:
@@ -329,52 +557,23 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
         restore(ck, model, run.optimizer, run.schedule)
         start, state = ck.step, ck.state
     history = _truncate(out / "metrics.jsonl", start)
+    _check_history(out / "metrics.jsonl", history, start)
     evaluations = _truncate(out / "eval.jsonl", start)
     if start == 0 and (cfg.eval.every or cfg.data.heldout) and not evaluations:
-        evaluations.append(run.evaluate(model, 0, final=total == 0))
-        append_jsonl(out / "eval.jsonl", evaluations[-1])
+        _evaluate(run, out, evaluations, 0, final=total == 0)
 
-    stopped = None
-    with make_progress() as bar:
-        task = bar.add_task("train", total=total, completed=start, info="")
-        for step in range(start + 1, total + 1):
-            if run.plan is not None and step > run.plan.budget_steps:
-                stopped = (f"stopped before step {step}: one more step would take epsilon "
-                           f"above privacy.target_epsilon={cfg.privacy.target_epsilon}")
-                bar.console.print(stopped)
-                break
-            row = run.step(step, state)
-            history.append(row)
-            append_jsonl(out / "metrics.jsonl", row)
-            if on_step:
-                on_step(row)
-            if cfg.eval.every and (step % cfg.eval.every == 0 or step == total):
-                evaluations.append(run.evaluate(model, step, final=step == total))
-                append_jsonl(out / "eval.jsonl", evaluations[-1])
-            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == total:
-                save_checkpoint(out / "checkpoints", step, model, run.optimizer, run.schedule,
-                                state, cfg.checkpoint.keep)
-            bar.update(task, advance=1, info=_progress_info(row))
-
-    if cfg.data.heldout and not cfg.eval.every and evaluations[-1]["step"] != total:
-        evaluations.append(run.evaluate(model, total))
-        append_jsonl(out / "eval.jsonl", evaluations[-1])
+    stopped = _run_steps(run, out, start, state, history, evaluations, on_step)
+    taken = len(history)
+    if evaluations and evaluations[-1]["step"] != taken:  # the final model's evaluation
+        _evaluate(run, out, evaluations, taken)
     with atomic_directory(out / "final") as staging:
         merged(model).save_pretrained(staging)
         run.processor.save_pretrained(staging)
     wall = time.perf_counter() - started
     final = history[-1] if history else {}
-    privacy = None
-    if run.plan is not None:
-        privacy = {**run.plan.to_dict(cfg.privacy), "steps_taken": len(history),
-                   "epsilon": spent_epsilon(state, cfg.privacy)}
-    if cfg.privacy.label_epsilon is not None:
-        privacy = {**(privacy or {}), "label_epsilon": cfg.privacy.label_epsilon,
-                   "label_flip_rate": flip_probability(cfg.privacy.label_epsilon),
-                   "label_guarantee": "label-level DP: protects which answer was preferred, "
-                                      "not the images or texts"}
     atomic_write_json(out / "result.json", {
-        "steps": total, "n_pairs": len(run.pairs), "final_step": final,
-        "evaluations": evaluations, "privacy": privacy, "stopped": stopped,
+        "steps": taken, "planned_steps": total, "n_pairs": len(run.pairs),
+        "final_step": final, "evaluations": evaluations,
+        "privacy": _privacy_summary(run, state, taken), "stopped": stopped,
         "wall_seconds": round(wall, 2)})
-    return TrainResult(out, total, final, evaluations, wall)
+    return TrainResult(out, taken, final, evaluations, wall, total, stopped)

@@ -9,6 +9,9 @@ Two kinds of value:
   ``datasets.Image`` columns store them; a JSON list of byte values is accepted too): written
   unchanged to ``<OUT stem>_images/<sha256 prefix>.<ext>`` beside the output file.
 
+``resolve`` returns absolute paths; the output file stores every one of them relative to its
+own folder (``<OUT stem>_images/<name>``, ``../coco/1.jpg``), see ``write_preference_jsonl``.
+
 Embedded images are named by their content, so equal images are stored once and the names do
 not depend on row order. They are staged in a hidden folder next to the output and moved into
 place only by ``commit()``; ``discard()`` removes the staging folder, so a failed conversion

@@ -5,6 +5,10 @@ unique ids) before anything is written. Any problem raises one ``DataValidationE
 lists them all, each naming the file, the row and the field, and leaves no output behind.
 Rows that are well formed but give no pair (VLFeedback ties, ``chosen == rejected``,
 multi-turn conversations) are skipped and counted by reason in the summary.
+
+An existing output file is never replaced unless asked (``force=True``). Image paths in the
+output are relative to its folder (``OUT_images/<hash>.png``, ``../coco/1.jpg``), so the
+output folder can be moved together with the images it points at.
 """
 
 from __future__ import annotations
@@ -27,6 +31,14 @@ from dpalign.data.records import write_preference_jsonl
 from dpalign.data.schema import PreferenceRecord, describe_validation_error
 
 SKIP_IDENTICAL = "chosen and rejected are identical"
+
+
+class OutputExistsError(ValueError):
+    """The output file exists and replacing it was not asked for; nothing was written."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        super().__init__(f"{out} already exists; use --force to overwrite it")
 
 
 @dataclass(frozen=True)
@@ -66,19 +78,26 @@ def convert_file(
     out: str | Path,
     *,
     images: str | Path | None = None,
+    force: bool = False,
 ) -> ConversionSummary:
     """Convert ``source`` (layout ``fmt``, a key of ``FORMATS``) into the JSONL file ``out``.
 
     ``images`` is the folder that relative image paths in the source are relative to
     (default: the source file's folder). Embedded images are written to
-    ``<out stem>_images/`` beside ``out``. Raises ``ValueError`` for an unknown format and
-    ``DataValidationError`` (a ``ValueError``) listing every problem in the source; in both
-    cases nothing is written.
+    ``<out stem>_images/`` beside ``out``. Image paths are written relative to ``out``'s
+    folder. An existing ``out`` raises ``OutputExistsError`` unless ``force``. Raises
+    ``ValueError`` for an unknown format or an unusable ``out``, and ``DataValidationError``
+    listing every problem in the source; all three are ``ValueError``s, and in every case
+    nothing is written.
     """
     converter = get_converter(fmt)
     source, out = Path(source), Path(out)
     if out.exists() and source.exists() and os.path.samefile(source, out):
         raise ValueError(f"the output {out} is the input file; choose another --out")
+    if out.is_dir():
+        raise ValueError(f"the output {out} is a folder; give a file path for --out")
+    if out.exists() and not force:
+        raise OutputExistsError(out)
     if images is not None and not Path(images).is_dir():
         raise ValueError(f"image folder {images} not found")
     store = ImageStore(out, Path(images) if images is not None else source.parent)
@@ -95,7 +114,7 @@ def convert_file(
         if issues:
             raise DataValidationError(issues)
         store.commit()
-        write_preference_jsonl(out, records)
+        write_preference_jsonl(out, records, relative_outside=True)
     finally:
         store.discard()
     return ConversionSummary(
