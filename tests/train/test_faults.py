@@ -21,14 +21,9 @@ from dpalign.data.records import read_preference_jsonl, write_preference_jsonl
 from dpalign.io import CorruptLogError, TornLineWarning, append_jsonl, read_jsonl, read_log_jsonl
 from dpalign.privacy.accounting import epsilon
 from dpalign.train import loop
+from dpalign.train.checks import PrivacyBudgetError, SequenceLengthError, check_run
 from dpalign.train.config import TrainConfig
-from dpalign.train.loop import (
-    PrivacyBudgetError,
-    SequenceLengthError,
-    TrainResult,
-    check_run,
-    train,
-)
+from dpalign.train.loop import TrainResult, train
 
 runner = CliRunner()
 DELTA = 1e-5

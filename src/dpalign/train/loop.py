@@ -40,10 +40,7 @@ import torch
 import yaml
 
 from dpalign.data.collate import EncodedPair, PairBatch, encode_pairs
-from dpalign.data.fewshot import few_shot
-from dpalign.data.records import read_preference_jsonl
 from dpalign.data.sampling import batch_indices, steps_per_epoch
-from dpalign.data.schema import PreferenceRecord
 from dpalign.eval.preference import preference_metrics
 from dpalign.io import (
     append_jsonl,
@@ -55,20 +52,23 @@ from dpalign.io import (
 )
 from dpalign.losses import dama_alpha_model, dama_batch_gap, update_running_mean
 from dpalign.losses.base import LossOut, PairLogps
-from dpalign.models.encode import max_positions
 from dpalign.models.load import load_vlm, resolve_device, resolve_dtype
 from dpalign.models.lora import merged, prepare_trainable
-from dpalign.privacy.accounting import Ledger, epsilon
-from dpalign.privacy.label_dp import flip_probability, randomized_response
+from dpalign.privacy.accounting import Ledger
+from dpalign.privacy.label_dp import flip_probability
 from dpalign.privacy.per_pair import Engine, make_engine
 from dpalign.progress import make_progress
 from dpalign.train.checkpoint import latest_checkpoint, restore, save_checkpoint
+from dpalign.train.checks import (
+    RunData,
+    check_lengths,
+    check_run,
+    length_limit,
+)
 from dpalign.train.config import TrainConfig
 from dpalign.train.dp_step import (
     PrivacyPlan,
     dp_update,
-    plan_privacy,
-    privacy_units,
     rank_and_world,
     spent_epsilon,
 )
@@ -81,14 +81,6 @@ StepHook = Callable[[dict[str, Any]], None]
 
 class RunDirError(ValueError):
     """The run directory holds another run, or nothing to resume."""
-
-
-class SequenceLengthError(ValueError):
-    """A pair's tokens do not fit the model's positions (or ``data.max_length``)."""
-
-
-class PrivacyBudgetError(ValueError):
-    """The target epsilon allows not even one step."""
 
 
 @dataclass(frozen=True)
@@ -188,99 +180,6 @@ def _check_history(path: Path, rows: list[dict[str, Any]], start: int) -> None:
                           f"{start}; resume needs one row per step up to it")
 
 
-def _check_sizes(cfg: TrainConfig, pool: int) -> None:
-    """Refuse data.k above the ``pool`` of pairs and train.batch_size above the training
-    pairs (with DP or without: a batch cannot hold more pairs than there are)."""
-    k, batch = cfg.data.k, cfg.train.batch_size
-    if k is not None and k > pool:
-        raise ValueError(f"data.k={k} but {cfg.data.train} holds {pool} pairs; set "
-                         f"data.k <= {pool}")
-    n = pool if k is None else k
-    if batch > n:
-        source = (f"data.k={k}" if k is not None
-                  else f"data.k unset: all {n} pairs of {cfg.data.train}")
-        raise ValueError(f"train.batch_size={batch} exceeds the {n} training pairs ({source}); "
-                         f"a step cannot take more pairs than there are: set "
-                         f"train.batch_size <= {n}" + (f" or data.k >= {batch}"
-                                                       if k is not None and batch <= pool
-                                                       else ""))
-
-
-def _privacy_plan(cfg: TrainConfig, n_units: int, total: int) -> PrivacyPlan | None:
-    """The DP plan (None without DP); refuses a target epsilon the first step would exceed."""
-    if not cfg.privacy.enabled:
-        return None
-    p = cfg.privacy
-    plan = plan_privacy(p, n_units, cfg.train.batch_size, total)
-    if plan.budget_steps == 0:
-        first = epsilon(Ledger().append(plan.entry(p)), p.delta, p.accountant)
-        raise PrivacyBudgetError(
-            f"privacy.target_epsilon={p.target_epsilon:g} allows no step: the first step "
-            f"alone (sigma {plan.sigma:g}, sample rate {plan.sample_rate:g}) costs epsilon "
-            f"{first:.4g} at delta {p.delta:g}; raise privacy.target_epsilon or "
-            "privacy.noise_multiplier")
-    return plan
-
-
-@dataclass(frozen=True)
-class RunData:
-    """The run's training records (few-shot split, label noise applied), held-out records,
-    planned steps, privacy units and DP plan: everything ``check_run`` derives from the data
-    and the settings."""
-
-    records: list[PreferenceRecord]
-    held: list[PreferenceRecord]
-    total: int
-    units: list[list[int]]
-    plan: PrivacyPlan | None
-
-
-def check_run(cfg: TrainConfig) -> RunData:
-    """Read the data files and check the settings against them (``_check_sizes``, the
-    privacy units and budget) before anything is written or the model loads."""
-    pool = read_preference_jsonl(cfg.data.train)
-    _check_sizes(cfg, len(pool))
-    records = few_shot(pool, cfg.data.k, cfg.data.seed)
-    if cfg.privacy.label_epsilon is not None:
-        records = list(randomized_response(records, cfg.privacy.label_epsilon,
-                                           cfg.data.seed).records)
-    held = (read_preference_jsonl(cfg.data.heldout)[:cfg.eval.heldout_pairs]
-            if cfg.data.heldout else [])
-    total = _total_steps(cfg, len(records))
-    units = privacy_units(records, [r.user_id for r in records],  # type: ignore[arg-type]
-                          cfg.privacy.unit)
-    return RunData(records, held, total, units, _privacy_plan(cfg, len(units), total))
-
-
-def _length_limit(cfg: TrainConfig, model: torch.nn.Module) -> tuple[int, str] | None:
-    """The most tokens a row may have and where that limit comes from, or None."""
-    limits = []
-    most = max_positions(model.config)  # type: ignore[arg-type]
-    if most is not None:
-        limits.append((most, f"the model's maximum positions, {cfg.model}/config.json"))
-    if cfg.data.max_length is not None:
-        limits.append((cfg.data.max_length, "data.max_length"))
-    return min(limits) if limits else None
-
-
-def _check_lengths(path: Path | None, pairs: list[EncodedPair],
-                   limit: tuple[int, str] | None) -> None:
-    """Refuse pairs whose prompt (image tokens included) + longer response exceed ``limit``
-    (they would be cut or run out of positions); the error names the first one."""
-    if limit is None:
-        return
-    most, source = limit
-    over = [p for p in pairs if len(p.prompt) + max(len(p.chosen), len(p.rejected)) > most]
-    if over:
-        p = over[0]
-        response = max(len(p.chosen), len(p.rejected))
-        raise SequenceLengthError(
-            f"{path}: record {p.id!r} is {len(p.prompt) + response} tokens long (prompt "
-            f"{len(p.prompt)} with its image tokens + longer response {response}), above the "
-            f"limit of {most} ({source}); {len(over)} of {len(pairs)} pairs are too long. "
-            "Over-long pairs are refused, not cut: shorten or drop them")
-
-
 def _check_inputs(cfg: TrainConfig, objective: Objective, pairs: list[EncodedPair]) -> None:
     if objective.spec.needs_hardness:
         missing = [p.id for p in pairs if p.hardness is None]
@@ -345,12 +244,6 @@ def _progress_info(row: dict[str, Any]) -> str:
     parts = [f"{k} {row[k]:.3f}" for k in ("loss", "reward_accuracy", "epsilon")
              if row.get(k) is not None]
     return "  ".join(parts)
-
-
-def _total_steps(cfg: TrainConfig, n: int) -> int:
-    loop = cfg.train
-    return loop.steps if loop.steps is not None else loop.epochs * steps_per_epoch(  # type: ignore[operator]
-        n, loop.batch_size)
 
 
 @dataclass
@@ -460,9 +353,9 @@ def prepare(cfg: TrainConfig, out: Path, data: RunData | None = None) -> Session
     _check_inputs(cfg, objective, pairs)
     held = (encode_pairs(data.held, processor, hardness_field=cfg.data.hardness_field)
             if cfg.data.heldout else [])
-    limit = _length_limit(cfg, model)
-    _check_lengths(cfg.data.train, pairs, limit)
-    _check_lengths(cfg.data.heldout, held, limit)
+    limit = length_limit(cfg, model)
+    check_lengths(cfg.data.train, pairs, limit)
+    check_lengths(cfg.data.heldout, held, limit)
 
     ref = cached_reference(out / "reference" / "train.safetensors", model, pairs, pad_id,
                            model_dir=cfg.model, with_corrupt=with_corrupt).to(device)
