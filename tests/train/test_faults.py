@@ -287,7 +287,9 @@ def test_budget_that_allows_no_step_fails_before_training(make_config: MakeConfi
 
 def test_budget_stop_reports_the_steps_taken(make_config: MakeConfig, tmp_path: Path) -> None:
     """A budget for 4 of the 6 planned steps: result.json, TrainResult and the CLI line all
-    say 4 steps (of 6 planned), and the final evaluation is at step 4."""
+    say 4 steps (of 6 planned), the final evaluation is at step 4, and a checkpoint is
+    written at step 4 (checkpoint.every unset: only where training ends), so the stopped
+    run's state, ledger included, is on disk."""
     target = epsilon((1.0, 0.25, 4), DELTA, "pld") * 1.0001
     cfg = make_config(checkpoint={"every": None},
                       privacy={"enabled": True, "noise_multiplier": 1.0,
@@ -302,6 +304,7 @@ def test_budget_stop_reports_the_steps_taken(make_config: MakeConfig, tmp_path: 
     assert f"{out}  4 of 6 steps (stopped before step 5" in result.stdout
     assert [e["step"] for e in read_jsonl(out / "eval.jsonl")] == [0, 3, 4]
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000004"]
 
     again = train(cfg, tmp_path / "lib")
     assert (again.steps, again.planned_steps) == (4, 6) and again.stopped is not None

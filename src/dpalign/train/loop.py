@@ -396,29 +396,32 @@ def _evaluate(run: Session, out: Path, evaluations: list[dict[str, Any]], step: 
 def _run_steps(run: Session, out: Path, start: int, state: dict[str, Any],
                history: list[dict[str, Any]], evaluations: list[dict[str, Any]],
                on_step: StepHook | None) -> str | None:
-    """Steps ``start + 1 .. total`` (logs, evaluations, checkpoints); the reason when the
-    privacy budget stopped them early, else None."""
+    """Steps ``start + 1 .. last`` (logs, evaluations, checkpoints), ``last`` the planned
+    total or the last step the privacy budget allows; the step where training ends is
+    always evaluated (with ``eval.every``) and checkpointed. Returns the reason when the
+    budget stopped the run early, else None."""
     cfg, total = run.cfg, run.total
+    last = total if run.plan is None else min(total, run.plan.budget_steps)
     with make_progress() as bar:
-        task = bar.add_task("train", total=total, completed=start, info="")
-        for step in range(start + 1, total + 1):
-            if run.plan is not None and step > run.plan.budget_steps:
-                stopped = (f"stopped before step {step}: one more step would take epsilon "
-                           f"above privacy.target_epsilon={cfg.privacy.target_epsilon}")
-                bar.console.print(stopped)
-                return stopped
+        task = bar.add_task("train", total=last, completed=start, info="")
+        for step in range(start + 1, last + 1):
             row = run.step(step, state)
             history.append(row)
             append_jsonl(out / "metrics.jsonl", row)
             if on_step:
                 on_step(row)
-            if cfg.eval.every and (step % cfg.eval.every == 0 or step == total):
-                _evaluate(run, out, evaluations, step, final=step == total)
-            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == total:
+            if cfg.eval.every and (step % cfg.eval.every == 0 or step == last):
+                _evaluate(run, out, evaluations, step, final=step == last)
+            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == last:
                 save_checkpoint(out / "checkpoints", step, run.model, run.optimizer,
                                 run.schedule, state, cfg.checkpoint.keep)
             bar.update(task, advance=1, info=_progress_info(row))
-    return None
+        if last == total:
+            return None
+        stopped = (f"stopped before step {last + 1}: one more step would take epsilon "
+                   f"above privacy.target_epsilon={cfg.privacy.target_epsilon}")
+        bar.console.print(stopped)
+        return stopped
 
 
 def _privacy_summary(run: Session, state: dict[str, Any], taken: int) -> dict[str, Any] | None:
