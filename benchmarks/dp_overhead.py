@@ -53,7 +53,7 @@ from common import (
 )
 from opacus_peer import opacus_dp_step, opacus_per_pair, wrap
 
-from dpalign.data.collate import collate
+from dpalign.models.pairs import collate
 from dpalign.privacy.per_pair import make_engine, per_pair_grads
 from dpalign.privacy.sampling import shuffled_batch
 from dpalign.train.config import TrainConfig

@@ -35,11 +35,11 @@ import torch
 from opacus import GradSampleModule
 from torch import Tensor, nn
 
-from dpalign.data.collate import PairBatch
 from dpalign.losses.base import PairLogps
+from dpalign.losses.objective import Objective, pair_logps
+from dpalign.models.pairs import PairBatch
 from dpalign.privacy.dp_sgd import clip_per_unit, noisy_mean
 from dpalign.privacy.per_pair import sum_rows_per_pair
-from dpalign.train.step import Objective, pair_logps
 
 
 def wrap(model: nn.Module) -> GradSampleModule:

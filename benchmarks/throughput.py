@@ -33,8 +33,8 @@ os.environ.setdefault("DPALIGN_NO_PROGRESS", "1")
 
 from common import add_common_args, session_config, session_times, start
 
-from dpalign.data.collate import collate
 from dpalign.models.load import resolve_device, resolve_dtype
+from dpalign.models.pairs import collate
 from dpalign.models.tiny_families import TINY_FAMILIES
 from dpalign.privacy.sampling import shuffled_batch
 from dpalign.train.loop import prepare

@@ -5,18 +5,30 @@ All validation happens here, up front, before any work starts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and the source."""
+
+
+class Section(BaseModel):  # a config section: frozen, unknown keys refused
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def one_of(kind: str, name: str, known: Iterable[str]) -> str:
+    """``name`` if it is among ``known``, else a ValueError listing them."""
+    known = list(known)
+    if name not in known:
+        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(known)}")
+    return name
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from dpalign.cli import app
-from dpalign.data.collate import encode_pairs
 from dpalign.data.records import read_preference_jsonl
 from dpalign.eval.preference import preference_metrics
 from dpalign.io import read_jsonl
 from dpalign.losses.base import PairLogps
 from dpalign.models.load import load_vlm
+from dpalign.models.pairs import encode_pairs
 from dpalign.train.reference import compute_reference
 from dpalign.world.load import World
 

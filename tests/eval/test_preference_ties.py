@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpalign.data.collate import encode_pairs
 from dpalign.data.records import read_preference_jsonl
 from dpalign.eval.preference import preference_metrics
 from dpalign.losses import TIE_RTOL
 from dpalign.models.load import load_vlm
+from dpalign.models.pairs import encode_pairs
 from dpalign.train.reference import compute_reference
 from dpalign.world.load import World
 

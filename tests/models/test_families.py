@@ -13,23 +13,26 @@ import json
 import math
 from pathlib import Path
 
+import dp_accounting
 import pytest
 import torch
+from dp_accounting.pld import PLDAccountant
 from PIL import Image
 
-from dpalign.data.collate import collate, encode_pairs
 from dpalign.data.records import read_preference_jsonl
 from dpalign.losses.base import PairLogps
+from dpalign.losses.config import LossConfig
+from dpalign.losses.objective import Objective, pair_logps
 from dpalign.models.encode import chat_prompt, pad_batch
 from dpalign.models.families import ImageInputs, family_of, process_images
 from dpalign.models.load import load_vlm, resolve_device, resolve_dtype
 from dpalign.models.logprobs import ImageTokenMismatchError, sequence_logps
-from dpalign.models.lora import prepare_trainable
+from dpalign.models.lora import LoraConfig, prepare_trainable
+from dpalign.models.pairs import collate, encode_pairs
 from dpalign.models.tiny_families import TINY_FAMILIES
 from dpalign.privacy.per_pair import per_pair_grads
-from dpalign.train.config import LoraConfig, LossConfig, TrainConfig
+from dpalign.train.config import TrainConfig
 from dpalign.train.loop import train
-from dpalign.train.step import Objective, pair_logps
 from dpalign.world.load import World
 
 FAMILY_NAMES = list(TINY_FAMILIES)
@@ -186,8 +189,16 @@ def test_two_training_steps(family_dirs: dict[str, Path], small_world: Path, tmp
     first = next(r for r in rows if r["loss"] is not None)
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # LoRA B = 0 at step 1
     assert all(r["loss"] is None or math.isfinite(r["loss"]) for r in rows)
-    if private:
-        assert rows[-1]["dp_clip_fraction"] is not None
+    if private:  # the diagnostics agree with the norms; epsilon is dp_accounting's
+        for r in rows:
+            assert r["dp_units"] == r["pairs"]
+            assert (r["dp_clip_fraction"] == 0) == (r["dp_norm_max"] <= 1.0)
+            assert 0 <= r["dp_clip_fraction"] <= 1
+        acc = PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+                            value_discretization_interval=1e-4)  # as dpalign's PLD
+        acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+            0.5, dp_accounting.GaussianDpEvent(1.0)), 2))  # q = 4 / 8, sigma 1, 2 steps
+        assert rows[-1]["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-3)
     reloaded = load_vlm(result.out / "final")
     assert type(reloaded.model).__name__ == MODEL_CLASS[name]
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpalign.data.collate import EncodedPair, encode_pairs
 from dpalign.data.records import read_preference_jsonl
 from dpalign.data.schema import PreferenceRecord
 from dpalign.models.encode import IGNORE, PromptEncoder, TokenBatch, pad_batch, response_ids
@@ -21,6 +20,7 @@ from dpalign.models.logprobs import (
     sequence_logps,
     token_logps,
 )
+from dpalign.models.pairs import EncodedPair, encode_pairs
 from dpalign.world.load import World
 
 

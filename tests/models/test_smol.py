@@ -28,7 +28,8 @@ from dpalign.models.efficientnet_lite import (
 from dpalign.models.encode import PromptEncoder, pixel_values
 from dpalign.models.load import LoadedVLM, load_vlm
 from dpalign.models.logprobs import image_tokens
-from dpalign.models.presets import PRESETS, BuiltModel
+from dpalign.models.presets import PRESETS
+from dpalign.models.tiny import BuiltModel
 from dpalign.models.tokenizer import IMAGE
 
 pytestmark = pytest.mark.skipif(

@@ -18,12 +18,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from dpalign.data.collate import collate, encode_pairs
 from dpalign.data.records import read_preference_jsonl
 from dpalign.models import smollm2
 from dpalign.models.encode import pad_batch
 from dpalign.models.load import LoadedVLM, load_vlm
 from dpalign.models.logprobs import sequence_logps
+from dpalign.models.pairs import collate, encode_pairs
 from dpalign.models.smollm2 import (
     GGUFModel,
     SmolLM2NotInstalledError,

@@ -11,7 +11,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForCon
 
 from dpalign.models.encode import IGNORE, PromptEncoder, pad_batch, pixel_values, response_ids
 from dpalign.models.load import ModelFolderError, load_vlm
-from dpalign.models.presets import TinyVLMConfig, build_tiny
+from dpalign.models.tiny import TinyVLMConfig, build_tiny
 from dpalign.models.tokenizer import train_tokenizer
 from dpalign.world.load import World
 

@@ -10,11 +10,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from dpalign.data.collate import EncodedPair, PairBatch, collate, encode_pairs
 from dpalign.data.records import read_preference_jsonl
 from dpalign.losses.base import PairLogps
+from dpalign.losses.config import LossConfig
+from dpalign.losses.objective import Objective, pair_logps
 from dpalign.models.load import LoadedVLM, load_vlm
-from dpalign.models.lora import prepare_trainable
+from dpalign.models.lora import LoraConfig, prepare_trainable
+from dpalign.models.pairs import EncodedPair, PairBatch, collate, encode_pairs
 from dpalign.privacy.dp_sgd import group_by_unit
 from dpalign.privacy.per_pair import (
     ENGINES,
@@ -22,9 +24,7 @@ from dpalign.privacy.per_pair import (
     per_pair_grads,
     select_pair,
 )
-from dpalign.train.config import LoraConfig, LossConfig
 from dpalign.train.reference import compute_reference
-from dpalign.train.step import Objective, pair_logps
 from dpalign.world.load import World
 
 ATOL = 1e-10

@@ -11,12 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpalign.data.collate import collate
 from dpalign.io import read_jsonl
+from dpalign.losses.objective import pair_logps
+from dpalign.models.pairs import collate
 from dpalign.train.config import TrainConfig
 from dpalign.train.dp_step import chunked_grads
 from dpalign.train.loop import prepare, train
-from dpalign.train.step import chunks, pair_logps
+from dpalign.train.step import chunks
 
 MakeConfig = Callable[..., TrainConfig]  # the make_config fixture (tests/conftest.py)
 

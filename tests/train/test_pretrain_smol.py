@@ -19,8 +19,8 @@ from dpalign.models.efficientnet_lite import pretrained_weights_path
 from dpalign.models.encode import IGNORE
 from dpalign.models.load import load_vlm
 from dpalign.models.lora import merged
-from dpalign.models.presets import BuiltModel
 from dpalign.models.smol import build_smol, cached_smollm2
+from dpalign.models.tiny import BuiltModel
 from dpalign.train.pretrain import PretrainConfig, default_config, pretrain
 from dpalign.train.projector import (
     FeatureData,

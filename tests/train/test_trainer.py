@@ -17,18 +17,19 @@ from safetensors.torch import load_file
 
 from conftest import CrashError, crash_at, without_time
 from dpalign.config import ConfigError, load_yaml_config
-from dpalign.data.collate import EncodedPair, collate, encode_pairs
 from dpalign.data.fewshot import few_shot
 from dpalign.data.records import read_preference_jsonl, write_preference_jsonl
 from dpalign.data.schema import PairMetadata
 from dpalign.io import read_jsonl
 from dpalign.losses.base import PairLogps
+from dpalign.losses.config import LossConfig
+from dpalign.losses.objective import Objective, kl_proxy, pair_logps
 from dpalign.models.load import LoadedVLM, load_vlm
-from dpalign.models.lora import prepare_trainable
-from dpalign.train.config import LoraConfig, LossConfig, TrainConfig
+from dpalign.models.lora import LoraConfig, prepare_trainable
+from dpalign.models.pairs import EncodedPair, collate, encode_pairs
+from dpalign.train.config import TrainConfig
 from dpalign.train.loop import RunDirError, TrainResult, train
 from dpalign.train.reference import compute_reference
-from dpalign.train.step import Objective, kl_proxy, pair_logps
 from dpalign.world.load import World
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

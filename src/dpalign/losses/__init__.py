@@ -6,7 +6,8 @@ unreduced (B,) loss and detached (B,) metrics (DESIGN §4). Losses work for B = 
 
 A ``LossSpec`` says what a loss needs besides the two ``PairLogps``: its keyword-parameter
 model (validated with the config, before training starts) and which extra inputs the step
-must supply. ``spec.call`` is the one uniform way to run any loss.
+must supply. ``spec.call`` is the one uniform way to run any loss; ``Objective``
+(``dpalign.losses.objective``) is the configured loss (``LossConfig``) applied to a batch.
 """
 
 from __future__ import annotations

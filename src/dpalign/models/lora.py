@@ -1,4 +1,4 @@
-"""LoRA adapters through peft, or full fine-tuning, as the config says."""
+"""LoRA adapters through peft, or full fine-tuning, as the config (``LoraConfig``) says."""
 
 from __future__ import annotations
 
@@ -7,9 +7,22 @@ import warnings
 
 import peft
 import torch
+from pydantic import Field
 
+from dpalign.config import Section
 from dpalign.models.families import family_of
-from dpalign.train.config import LoraConfig
+
+
+class LoraConfig(Section):
+    enabled: bool = True
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj",
+                                                              "o_proj"])
+    scope: str | None = Field(
+        None, description="only modules whose path contains this; '' = anywhere; unset = "
+                          "the model family's language model (language_model, text_model)")
 
 
 def target_pattern(cfg: LoraConfig, scope: str | None = None) -> str:

@@ -38,7 +38,6 @@ from dpalign.models.efficientnet_lite import (
     load_pretrained_lite,
     pretrained_weights_path,
 )
-from dpalign.models.presets import BuiltModel
 from dpalign.models.smollm2 import (
     CHAT_TEMPLATE,
     DISTRIBUTION,
@@ -48,6 +47,7 @@ from dpalign.models.smollm2 import (
     is_converted,
     llava_on_smollm2,
 )
+from dpalign.models.tiny import BuiltModel
 from dpalign.models.tokenizer import IMAGE
 
 CACHE_ENV = "DPALIGN_CACHE"

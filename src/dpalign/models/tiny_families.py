@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from dpalign.models.families import ImageQwen2VLProcessor
-from dpalign.models.presets import CLIP_MEAN, CLIP_STD, BuiltModel, TinyVLMConfig, build_tiny
+from dpalign.models.tiny import CLIP_MEAN, CLIP_STD, BuiltModel, TinyVLMConfig, build_tiny
 from dpalign.models.tokenizer import train_tokenizer
 
 # Chat templates laid out like each family's published one; every one accepts list content

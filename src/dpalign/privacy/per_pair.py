@@ -27,10 +27,10 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from dpalign.data.collate import PairBatch
 from dpalign.losses.base import LossOut, PairLogps
+from dpalign.losses.objective import Objective, pair_logps, with_policy_metrics
 from dpalign.models.encode import TokenBatch
-from dpalign.train.step import Objective, pair_logps, with_policy_metrics
+from dpalign.models.pairs import PairBatch
 
 Params = Mapping[str, nn.Parameter]
 AlphaModel = float | Tensor | None

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from dpalign.data.collate import EncodedPair
 from dpalign.data.fewshot import few_shot
 from dpalign.data.records import read_preference_jsonl
 from dpalign.data.sampling import steps_per_epoch
 from dpalign.data.schema import PreferenceRecord
 from dpalign.models.encode import max_positions
+from dpalign.models.pairs import EncodedPair
 from dpalign.privacy.accounting import Ledger, epsilon
 from dpalign.privacy.label_dp import randomized_response
 from dpalign.train.config import TrainConfig

@@ -1,5 +1,9 @@
 """The training configuration: frozen pydantic models, validated completely before a run.
 
+The sections of the losses, LoRA, privacy and the optimizer live beside the code they
+configure (``LossConfig``, ``LoraConfig``, ``PrivacyConfig``, ``OptimConfig``); this module
+adds the run's own sections and composes them into ``TrainConfig``.
+
 Unknown keys, an unknown loss, optimizer or schedule name, loss parameters out of range and
 inputs a loss needs but the data cannot give all fail here, never mid-training. Paths are
 taken as given (relative to the working directory) and resolved when the run starts.
@@ -7,26 +11,16 @@ taken as given (relative to the working directory) and resolved when the run sta
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from transformers.trainer_utils import SchedulerType
+from pydantic import Field, model_validator
 
-from dpalign.losses import get_loss
-
-
-def _one_of(kind: str, name: str, known: Iterable[str]) -> str:
-    """``name`` if it is among ``known``, else a ValueError listing them."""
-    known = list(known)
-    if name not in known:
-        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(known)}")
-    return name
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+from dpalign.config import Section
+from dpalign.losses.config import LossConfig
+from dpalign.models.lora import LoraConfig
+from dpalign.privacy.config import PrivacyConfig
+from dpalign.train.optim import OptimConfig
 
 
 class DataConfig(Section):
@@ -40,60 +34,6 @@ class DataConfig(Section):
                                 "tokens + the longer response); a longer pair is refused "
                                 "before training, never cut. None = the model's maximum "
                                 "positions (text config max_position_embeddings)")
-
-
-class LossConfig(Section):
-    name: str = "dpo"
-    beta: float = Field(0.1, gt=0)
-    params: dict[str, Any] = Field(default_factory=dict)
-    sft_weight: float = Field(0.0, ge=0)
-    length_normalize: bool = Field(
-        False, description="use per-token mean log-probs (TRL does this for IPO)")
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        get_loss(name)
-        return name
-
-    @model_validator(mode="after")
-    def _params(self) -> LossConfig:
-        get_loss(self.name).make_params(self.params)
-        return self
-
-
-class LoraConfig(Section):
-    enabled: bool = True
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj",
-                                                              "o_proj"])
-    scope: str | None = Field(
-        None, description="only modules whose path contains this; '' = anywhere; unset = "
-                          "the model family's language model (language_model, text_model)")
-
-
-class OptimConfig(Section):
-    name: str = "adamw"
-    lr: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    schedule: str = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-
-    @field_validator("name")
-    @classmethod
-    def _known_optimizer(cls, name: str) -> str:
-        from dpalign.train.optim import OPTIMIZERS
-
-        return _one_of("optimizer", name, OPTIMIZERS)
-
-    @field_validator("schedule")
-    @classmethod
-    def _known_schedule(cls, name: str) -> str:
-        return _one_of("schedule", name, [s.value for s in SchedulerType])
 
 
 class LoopConfig(Section):
@@ -134,51 +74,6 @@ class EvalConfig(Section):
 class CheckpointConfig(Section):
     every: int | None = Field(None, ge=1)
     keep: int = Field(2, ge=1)
-
-
-class PrivacyConfig(Section):
-    """DP-SGD with the preference pair (or the user) as the privacy unit (DESIGN §2).
-
-    Give ``noise_multiplier`` (sigma) or ``target_epsilon``; with a target, sigma is
-    calibrated for the planned steps and sample rate before training, and training stops
-    before the accountant's epsilon would exceed it. The expected batch is
-    ``train.batch_size`` units, so the sample rate is batch_size / units.
-    """
-
-    enabled: bool = False
-    unit: Literal["example", "user"] = "example"
-    noise_multiplier: float | None = Field(None, ge=0)
-    target_epsilon: float | None = Field(None, gt=0)
-    delta: float = Field(1e-5, gt=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0, description="per-unit clipping norm C")
-    sampling: Literal["poisson", "shuffle"] = "poisson"
-    accountant: Literal["pld", "rdp"] = "pld"
-    engine: str = Field("hooks", description="per-pair gradients: hooks (Linear layers, "
-                                             "one backward) or loop (any parameter)")
-    secure_noise: bool = Field(False, description="noise seeded from OS entropy "
-                                                  "(not reproducible: for deployment)")
-    noise_seed: int = 0
-    account_every: int = Field(10, ge=1, description="log epsilon every N steps")
-    label_epsilon: float | None = Field(
-        None, gt=0, description="randomized response on each pair's label (label-level DP, "
-                                "applied once with data.seed); pair it with loss robust")
-
-    @field_validator("engine")
-    @classmethod
-    def _known_engine(cls, name: str) -> str:
-        from dpalign.privacy.per_pair import ENGINES
-
-        return _one_of("engine", name, ENGINES)
-
-    @model_validator(mode="after")
-    def _one_noise(self) -> PrivacyConfig:
-        if not self.enabled and self.noise_multiplier is not None:
-            raise ValueError("privacy.noise_multiplier is set but privacy.enabled is false")
-        if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
-            raise ValueError("give privacy.noise_multiplier (a fixed sigma), "
-                             "privacy.target_epsilon (sigma calibrated to it), or both (a "
-                             "fixed sigma, training stopped before the target is exceeded)")
-        return self
 
 
 class TrainConfig(Section):

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dpalign.data.collate import EncodedPair
 from dpalign.losses.base import LossOut, PairLogps
+from dpalign.losses.objective import Objective
+from dpalign.models.pairs import EncodedPair
 from dpalign.privacy.accounting import (
     Ledger,
     LedgerEntry,
@@ -33,6 +34,7 @@ from dpalign.privacy.accounting import (
     calibrate_sigma,
     steps_within_budget,
 )
+from dpalign.privacy.config import PrivacyConfig
 from dpalign.privacy.dp_sgd import (
     clip_per_unit,
     empty_units,
@@ -43,8 +45,7 @@ from dpalign.privacy.dp_sgd import (
 )
 from dpalign.privacy.per_pair import Engine
 from dpalign.privacy.sampling import poisson_batch, shuffled_batch
-from dpalign.train.config import PrivacyConfig
-from dpalign.train.step import Objective, chunk_batches
+from dpalign.train.step import chunk_batches
 
 SEEDED_NOTICE = ("noise drawn from a seeded generator: reproducible for research, NOT for "
                  "deployment (set privacy.secure_noise=true)")

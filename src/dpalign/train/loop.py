@@ -39,7 +39,6 @@ from typing import Any
 import torch
 import yaml
 
-from dpalign.data.collate import EncodedPair, PairBatch, encode_pairs
 from dpalign.data.sampling import batch_indices, steps_per_epoch
 from dpalign.eval.preference import preference_metrics
 from dpalign.io import (
@@ -52,8 +51,10 @@ from dpalign.io import (
 )
 from dpalign.losses import dama_alpha_model, dama_batch_gap, update_running_mean
 from dpalign.losses.base import LossOut, PairLogps
+from dpalign.losses.objective import Objective, pair_logps, step_metrics
 from dpalign.models.load import load_vlm, resolve_device, resolve_dtype
 from dpalign.models.lora import merged, prepare_trainable
+from dpalign.models.pairs import EncodedPair, PairBatch, encode_pairs
 from dpalign.privacy.accounting import Ledger
 from dpalign.privacy.label_dp import flip_probability
 from dpalign.privacy.per_pair import Engine, make_engine
@@ -74,7 +75,7 @@ from dpalign.train.dp_step import (
 )
 from dpalign.train.optim import build_optimizer
 from dpalign.train.reference import cached_reference, compute_reference
-from dpalign.train.step import Objective, chunk_batches, pair_logps, step_metrics
+from dpalign.train.step import chunk_batches
 
 StepHook = Callable[[dict[str, Any]], None]
 

@@ -43,9 +43,8 @@ from transformers import ProcessorMixin, get_cosine_schedule_with_warmup
 
 from dpalign.io import read_jsonl
 from dpalign.models.encode import IGNORE, PromptEncoder, pixel_values, response_ids
-from dpalign.models.lora import prepare_trainable
+from dpalign.models.lora import LoraConfig, prepare_trainable
 from dpalign.progress import make_progress
-from dpalign.train.config import LoraConfig
 from dpalign.train.vision_warmup import (
     cell_labels,
     ground_image_tokens,

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from dpalign.data.collate import EncodedPair, collate
 from dpalign.io import atomic_write_bytes, atomic_write_json
 from dpalign.losses.base import PairLogps
-from dpalign.train.step import pair_logps
+from dpalign.losses.objective import pair_logps
+from dpalign.models.pairs import EncodedPair, collate
 
 FIELDS = ("chosen", "rejected", "chosen_tokens", "rejected_tokens", "chosen_corrupt")
 

@@ -1,0 +1,31 @@
+"""The ``loss`` section of a training config: a loss from the registry and its parameters,
+checked when the config is read (an unknown name or a bad parameter never reaches a run)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from dpalign.config import Section
+from dpalign.losses import get_loss
+
+
+class LossConfig(Section):
+    name: str = "dpo"
+    beta: float = Field(0.1, gt=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+    sft_weight: float = Field(0.0, ge=0)
+    length_normalize: bool = Field(
+        False, description="use per-token mean log-probs (TRL does this for IPO)")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        get_loss(name)
+        return name
+
+    @model_validator(mode="after")
+    def _params(self) -> LossConfig:
+        get_loss(self.name).make_params(self.params)
+        return self
