@@ -26,6 +26,7 @@ LAYER_OF = {
     "dpalign.progress": "io",
     "dpalign.config": "io",
     "dpalign.kernels": "io",
+    "dpalign.rundir": "io",
     "dpalign.cli": "cli",
     "dpalign.train.pretrain": "pretrain",
     "dpalign.train.projector": "pretrain",

@@ -222,8 +222,8 @@ def train(
 
     from dpalign.config import ConfigError, load_yaml_config
     from dpalign.data.errors import DataValidationError
+    from dpalign.rundir import RunDir, RunDirError
     from dpalign.train.config import TrainConfig
-    from dpalign.train.loop import RunDirError
     from dpalign.train.loop import train as run_train
 
     _init_distributed()
@@ -240,19 +240,20 @@ def train(
     steps = (f"{result.steps} steps" if result.stopped is None
              else f"{result.steps} of {result.planned_steps} steps ({result.stopped})")
     console.print(f"run finished: {result.out}  {steps}  "
-                  f"wall {result.wall_seconds:.0f}s  model: {result.out / 'final'}",
+                  f"wall {result.wall_seconds:.0f}s  model: {RunDir(result.out).final}",
                   markup=False, highlight=False)
     if as_json:
-        print(json.dumps(json.loads((result.out / "result.json").read_text())))
+        print(json.dumps(json.loads(RunDir(result.out).result.read_text())))
 
 
 def _eval_table(report: dict) -> Table:
+    from dpalign.world.build import POPE_SPLITS
+
     table = Table(title=f"Hallucination figures (CHAIR rules: {report['chair']['rules']})")
-    for column in ("metric", "random", "popular", "adversarial"):
+    for column in ("metric", *POPE_SPLITS):
         table.add_column(column, justify="right")
     for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
-        table.add_row(f"POPE {key}", *(f"{report['pope'][s][key]:.3f}"
-                                       for s in ("random", "popular", "adversarial")))
+        table.add_row(f"POPE {key}", *(f"{report['pope'][s][key]:.3f}" for s in POPE_SPLITS))
     chair = report["chair"]
     for key in ("chair_s", "chair_i", "recall", "partner_hallucination_rate"):
         table.add_row(f"CHAIR {key}" if key.startswith("chair") else key, f"{chair[key]:.3f}",

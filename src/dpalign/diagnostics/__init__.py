@@ -20,7 +20,6 @@ from dpalign.diagnostics.run import (
     loss_limit,
     loss_volatility,
     mean_finite,
-    read_rows,
     steps_to_target,
 )
 
@@ -45,7 +44,6 @@ __all__ = [
     "loss_volatility",
     "mean_finite",
     "numeric_keys",
-    "read_rows",
     "steps_to_target",
     "summarize",
 ]

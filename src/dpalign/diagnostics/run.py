@@ -17,7 +17,6 @@ is one flat row of a study table. All defaults live in :class:`Thresholds`.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dpalign.rundir import RunDir, RunDirError
+from dpalign.world.build import POPE_SPLITS
 
 __all__ = [
     "HIGHER_IS_BETTER",
@@ -45,13 +47,11 @@ __all__ = [
     "loss_limit",
     "loss_volatility",
     "mean_finite",
-    "read_rows",
     "steps_to_target",
 ]
 
 Row = Mapping[str, Any]
 
-_POPE_SPLITS = ("random", "popular", "adversarial")
 HIGHER_IS_BETTER: frozenset[str] = frozenset(
     {
         "heldout_pref_accuracy",
@@ -59,7 +59,7 @@ HIGHER_IS_BETTER: frozenset[str] = frozenset(
         "heldout_reward_accuracy",
         "heldout_reward_margin",
         "recall",
-        *(f"pope_{split}_{name}" for split in _POPE_SPLITS
+        *(f"pope_{split}_{name}" for split in POPE_SPLITS
           for name in ("accuracy", "f1", "precision", "recall")),
     }
 )
@@ -100,10 +100,6 @@ class Thresholds:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.kl_tail_steps < 1:
             raise ValueError(f"kl_tail_steps must be >= 1, got {self.kl_tail_steps}")
-
-
-class RunDirError(ValueError):
-    """A run directory's log is missing or malformed; the message names the file and line."""
 
 
 def _as_float(value: Any) -> float:
@@ -388,57 +384,11 @@ def diagnose_run(metrics: Sequence[Row], evals: Sequence[Row], *, result: Row | 
 # ---------------------------------------------------------------- reading a run directory
 
 
-def _parse_row(path: Path, lineno: int, line: str) -> dict[str, Any]:
-    """One JSONL line -> a dict with an integer ``step``, or a :class:`RunDirError`."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise RunDirError(f"{path}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno})"
-                          ) from exc
-    step = row.get("step") if isinstance(row, dict) else None
-    if not isinstance(step, int) or isinstance(step, bool):
-        raise RunDirError(f"{path}:{lineno}: expected a JSON object with an integer 'step', "
-                          f"got {line.strip()[:80]!r}")
-    return row
-
-
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a run's JSONL log (blank lines skipped; NaN/Infinity tokens accepted).
-
-    Raises :class:`RunDirError` naming the file when it is missing, and ``file:line`` when a
-    line is not a JSON object with an integer ``step``.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise RunDirError(f"{path}: file not found") from exc
-    return [_parse_row(path, lineno, line)
-            for lineno, line in enumerate(text.splitlines(), start=1) if line.strip()]
-
-
-def _read_result(path: Path) -> dict[str, Any] | None:
-    """``result.json`` as a dict, ``None`` when absent; :class:`RunDirError` when malformed."""
-    if not path.exists():
-        return None
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RunDirError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
-    if not isinstance(result, dict):
-        raise RunDirError(f"{path}: expected a JSON object")
-    return result
-
-
 def diagnose_run_dir(path: str | Path, *, thresholds: Thresholds = Thresholds()
                      ) -> RunDiagnostics:
     """:func:`diagnose_run` of a run directory: ``metrics.jsonl`` (required), ``eval.jsonl``
-    (no evaluations when absent) and ``result.json`` (optional)."""
-    run = Path(path)
-    evals_path = run / "eval.jsonl"
-    return diagnose_run(
-        read_rows(run / "metrics.jsonl"),
-        read_rows(evals_path) if evals_path.exists() else [],
-        result=_read_result(run / "result.json"),
-        thresholds=thresholds,
-    )
+    (no evaluations when absent) and ``result.json`` (optional); :class:`RunDirError` naming
+    the file and line when one is missing or malformed."""
+    run = RunDir(Path(path))
+    return diagnose_run(run.read_metrics(), run.read_evals(), result=run.read_result(),
+                        thresholds=thresholds)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dpalign.diagnostics import RunDirError, read_rows
+from dpalign.rundir import RunDir, RunDirError, StudyDir, read_log
 from dpalign.study.store import points_table
 
 __all__ = [
@@ -71,7 +71,7 @@ def _read_json(path: Path) -> Any:
 def metrics_frame(path: Path) -> pd.DataFrame:
     """``metrics.jsonl`` as a frame indexed by step (later rows win for a repeated step);
     null and non-finite values become NaN in numeric columns."""
-    rows = read_rows(path)
+    rows = read_log(path)
     frame = pd.DataFrame(rows)
     if frame.empty:
         return pd.DataFrame(index=pd.Index([], name="step"))
@@ -83,7 +83,7 @@ def _load_logs(path: Path, runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """``metrics.jsonl`` of every run that has one, by run name."""
     logs = {}
     for run in runs["run"]:
-        file = path / "runs" / str(run) / "metrics.jsonl"
+        file = StudyDir(path).run(str(run)).metrics
         if file.exists():
             logs[str(run)] = metrics_frame(file)
     return logs
@@ -98,35 +98,34 @@ def _read_parquet(path: Path) -> pd.DataFrame:
 
 def load_study(path: Path) -> StudyInput:
     """A study directory (see the module docstring)."""
-    runs_file = path / "runs.parquet"
+    study = StudyDir(path)
+    runs_file = study.runs_table
     if not runs_file.exists():
         raise ReportInputError(f"{path}: a study directory needs {runs_file.name} "
                                f"(the study has not finished its first run?)")
     runs = _read_parquet(runs_file)
-    points_file = path / "points.parquet"
+    points_file = study.points_table
     points = _read_parquet(points_file) if points_file.exists() else points_table(runs)
-    meta = _read_json(path / "study.json") or {}
+    meta = _read_json(study.meta) or {}
     return StudyInput(path, meta, runs, points, _load_logs(path, runs))
 
 
 def load_run(path: Path) -> RunInput:
     """A run directory (see the module docstring)."""
-    evals_file = path / "eval.jsonl"
-    config = path / "config.yaml"
+    run = RunDir(path)
     try:
-        metrics = metrics_frame(path / "metrics.jsonl")
-        evals = read_rows(evals_file) if evals_file.exists() else []
+        metrics = metrics_frame(run.metrics)
+        evals = run.read_evals()
     except RunDirError as exc:
         raise ReportInputError(str(exc)) from exc
     return RunInput(path, metrics, evals,
-                    config.read_text(encoding="utf-8") if config.exists() else "",
-                    _read_json(path / "env.json") or {}, _read_json(path / "privacy.json"),
-                    _read_json(path / "result.json"))
+                    run.config.read_text(encoding="utf-8") if run.config.exists() else "",
+                    _read_json(run.env) or {}, _read_json(run.privacy), _read_json(run.result))
 
 
 _KINDS: tuple[tuple[Callable[[Path], bool], Callable[[Path], StudyInput | RunInput]], ...] = (
-    (lambda p: (p / "study.json").exists() or (p / "runs.parquet").exists(), load_study),
-    (lambda p: (p / "metrics.jsonl").exists(), load_run),
+    (lambda p: StudyDir(p).meta.exists() or StudyDir(p).runs_table.exists(), load_study),
+    (lambda p: RunDir(p).metrics.exists(), load_run),
 )
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from dpalign.diagnostics import RunDirError, Thresholds, diagnose_run_dir
+from dpalign.diagnostics import Thresholds, diagnose_run_dir
 from dpalign.report.figures import run_figures, study_figures
 from dpalign.report.fmt import format_number
 from dpalign.report.html import Block, Page
@@ -33,6 +33,7 @@ from dpalign.report.verdict import (
     run_summary,
     study_verdicts,
 )
+from dpalign.rundir import RunDir, RunDirError
 
 __all__ = ["PAGES", "build_page", "run_page", "study_page"]
 
@@ -162,7 +163,7 @@ def _run_blocks(run: RunInput) -> list[Block]:
         "ε spent": spent if privacy else "∞ (no DP)",
         "git revision": None,
     }
-    rerun = f"dpalign train --config {shlex.quote(str(run.path / 'config.yaml'))} --out NEW_DIR"
+    rerun = f"dpalign train --config {shlex.quote(str(RunDir(run.path).config))} --out NEW_DIR"
     blocks = [
         Block("Command (not stored in a run directory; this re-runs it)", rerun),
         Block("Run", pairs=_pairs(facts)),

@@ -29,6 +29,7 @@ import yaml
 from dpalign.config import ConfigError
 from dpalign.io import atomic_write_json, atomic_write_text
 from dpalign.progress import make_progress
+from dpalign.rundir import StudyDir
 from dpalign.study.config import StudyConfig
 from dpalign.study.grid import Point, expand, train_config
 from dpalign.study.runner import (
@@ -72,7 +73,7 @@ def _git_revision() -> str | None:
 
 def _claim(out: Path, study: StudyConfig) -> None:
     """Write ``study.yaml``, or check that a rerun is the same study."""
-    saved, wanted = out / "study.yaml", study.model_dump(mode="json")
+    saved, wanted = StudyDir(out).config, study.model_dump(mode="json")
     if saved.is_file():
         if yaml.safe_load(saved.read_text()) != wanted:
             raise ConfigError(f"{out}: holds a different study ({saved}); use another --out "
@@ -83,7 +84,7 @@ def _claim(out: Path, study: StudyConfig) -> None:
 
 
 def _provenance(out: Path, study: StudyConfig, command: list[str], accountant: str) -> None:
-    atomic_write_json(out / "study.json", {
+    atomic_write_json(StudyDir(out).meta, {
         "name": study.name, "command": command,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "git_revision": _git_revision(), "versions": _versions(),
@@ -106,15 +107,16 @@ def run_study(study: StudyConfig, out: str | Path, *, backend: str = "local",
     accountant = next(iter(configs.values())).privacy.accountant
     _provenance(out, study, command if command is not None else sys.argv, accountant)
     workers = workers or study.workers
-    todo = [p for p in points if not is_finished(out / "runs" / p.name)]
+    study_dir = StudyDir(out)
+    todo = [p for p in points if not is_finished(study_dir.run(p.name).path)]
     tasks = [RunTask(p.name, configs[p.name].model_dump(mode="json"),
-                     str(out / "runs" / p.name), threads_per_run(workers)) for p in todo]
+                     str(study_dir.run(p.name).path), threads_per_run(workers)) for p in todo]
     with make_progress() as bar:
         task_id = bar.add_task(f"study {study.name}", total=len(points),
                                completed=len(points) - len(todo), info="")
         for outcome in (BACKENDS[backend](tasks, workers, address) if tasks else []):
             if outcome["status"] == "failed":  # the backend's word when the worker died
-                record_failure(out / "runs" / outcome["run"], outcome["error"])
+                record_failure(study_dir.run(outcome["run"]).path, outcome["error"])
             bar.update(task_id, advance=1, info=f"{outcome['run']} {outcome['status']}")
             if on_run:
                 on_run(outcome)
@@ -123,8 +125,9 @@ def run_study(study: StudyConfig, out: str | Path, *, backend: str = "local",
 
 def collect(out: Path, points: list[Point], ran: int = 0) -> StudyResult:
     """Rebuild ``runs.parquet`` and ``points.parquet`` from the run directories."""
-    runs = runs_table(points, out / "runs")
+    study_dir = StudyDir(out)
+    runs = runs_table(points, study_dir.runs)
     summary = points_table(runs)
-    write_parquet(runs, out / "runs.parquet")
-    write_parquet(summary, out / "points.parquet")
+    write_parquet(runs, study_dir.runs_table)
+    write_parquet(summary, study_dir.points_table)
     return StudyResult(out, runs, summary, ran, len(points) - ran)

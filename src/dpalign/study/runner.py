@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dpalign.io import atomic_write_json
+from dpalign.rundir import RunDir
 
 PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>
 
@@ -43,7 +44,7 @@ class RunTask:
 
 
 def is_finished(run_dir: Path) -> bool:
-    return (run_dir / "result.json").is_file()
+    return RunDir(run_dir).is_finished()
 
 
 def run_one(task: RunTask) -> dict[str, Any]:
@@ -52,6 +53,7 @@ def run_one(task: RunTask) -> dict[str, Any]:
     failure."""
     os.environ["DPALIGN_NO_PROGRESS"] = "1"
     run_dir = Path(task.run_dir)
+    files = RunDir(run_dir)
     try:
         import torch
         import transformers
@@ -63,12 +65,12 @@ def run_one(task: RunTask) -> dict[str, Any]:
         from dpalign.train.loop import train
 
         torch.set_num_threads(task.threads)
-        resume = (run_dir / "config.yaml").is_file()
+        resume = files.config.is_file()
         if not resume and run_dir.exists():
             shutil.rmtree(run_dir)
-        (run_dir / "error.json").unlink(missing_ok=True)
+        files.error.unlink(missing_ok=True)
         train(TrainConfig.model_validate(task.config), run_dir, resume=resume)
-        atomic_write_json(run_dir / "diagnostics.json", diagnose_run_dir(run_dir).as_dict())
+        atomic_write_json(files.diagnostics, diagnose_run_dir(run_dir).as_dict())
         return {"run": task.name, "status": "ok", "error": None}
     except Exception as exc:  # one failed run must not stop the study
         message = f"{type(exc).__name__}: {exc}"
@@ -78,10 +80,11 @@ def run_one(task: RunTask) -> dict[str, Any]:
 
 def record_failure(run_dir: Path, message: str, trace: str | None = None) -> None:
     """Write the run's ``error.json`` (kept if the run already wrote its own)."""
-    if (run_dir / "error.json").is_file() and trace is None:
+    error = RunDir(run_dir).error
+    if error.is_file() and trace is None:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "error.json", {"error": message, "traceback": trace})
+    atomic_write_json(error, {"error": message, "traceback": trace})
 
 
 Backend = Callable[[Sequence[RunTask], int, "str | None"], Iterator[dict[str, Any]]]

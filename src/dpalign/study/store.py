@@ -26,6 +26,7 @@ import pandas as pd
 
 from dpalign.diagnostics import aggregate
 from dpalign.io import atomic_write_bytes
+from dpalign.rundir import RunDir
 from dpalign.study.grid import Point
 
 GRID_COLUMNS = ("point", "mechanism", "epsilon_target", "k", "loss", "lr")
@@ -49,12 +50,13 @@ def _privacy_columns(result: dict[str, Any]) -> dict[str, Any]:
 def run_row(point: Point, run_dir: Path) -> dict[str, Any]:
     """One row of ``runs.parquet`` from a run directory (finished, failed or pending)."""
     row: dict[str, Any] = {**point.columns(), "status": "pending", "error": None}
-    error, result = _json(run_dir / "error.json"), _json(run_dir / "result.json")
+    files = RunDir(run_dir)
+    error, result = _json(files.error), _json(files.result)
     if error is not None:
         return {**row, "status": "failed", "error": error["error"]}
     if result is None:
         return row
-    diagnostics = _json(run_dir / "diagnostics.json") or {}
+    diagnostics = _json(files.diagnostics) or {}
     return {**row, "status": "ok", **_privacy_columns(result),
             "wall_seconds": result.get("wall_seconds"), "stopped": result.get("stopped"),
             **{k: v for k, v in diagnostics.items() if k != "epsilon"}}

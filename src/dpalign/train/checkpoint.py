@@ -18,8 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dpalign.io import atomic_directory, atomic_write_json
-
-PREFIX = "step_"
+from dpalign.rundir import CHECKPOINT_PREFIX, checkpoint_name
 
 
 @dataclass(frozen=True)
@@ -39,20 +38,20 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, schedule: Any, state: dict[str, Any],
                     keep: int) -> Path:
     """Write ``folder/step_NNNNNN`` atomically and keep only the newest ``keep``."""
-    target = folder / f"{PREFIX}{step:06d}"
+    target = folder / checkpoint_name(step)
     with atomic_directory(target) as staging:
         save_file(trainable_state(model), str(staging / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "torch_rng": torch.get_rng_state()}, staging / "optimizer.pt")
         atomic_write_json(staging / "state.json", {"step": step, **state})
-    for old in sorted(folder.glob(f"{PREFIX}*"))[:-keep]:
+    for old in sorted(folder.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
         shutil.rmtree(old)
     return target
 
 
 def latest_checkpoint(folder: Path) -> Checkpoint | None:
     """The newest complete checkpoint under ``folder``, or None."""
-    done = sorted(p for p in folder.glob(f"{PREFIX}*") if (p / "state.json").is_file())
+    done = sorted(p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if (p / "state.json").is_file())
     if not done:
         return None
     state = json.loads((done[-1] / "state.json").read_text())

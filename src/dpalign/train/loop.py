@@ -1,12 +1,9 @@
 """The preference-training loop: the only place that holds state.
 
-Run directory::
-
-    config.yaml          the resolved config          env.json       versions, threads
-    metrics.jsonl        one line per step            eval.jsonl     one line per evaluation
-    reference/           cached reference log-probs   checkpoints/   step_NNNNNN folders
-    final/               the trained model (adapters merged), loadable with the Auto classes
-    result.json          summary, written last (its presence means the run finished)
+It writes a run directory, whose files :class:`dpalign.rundir.RunDir` names: the resolved
+config, one metrics line per step, one evaluation line per evaluation, cached reference
+log-probs, checkpoints, ``final/`` (the trained model, adapters merged, loadable with the
+Auto classes) and ``result.json``, written last (its presence means the run finished).
 
 ``resume=True`` continues from the newest checkpoint: metrics and evaluations after it are
 dropped and recomputed, so the finished run equals an uninterrupted one. A torn last line of
@@ -59,6 +56,7 @@ from dpalign.privacy.accounting import Ledger
 from dpalign.privacy.label_dp import flip_probability
 from dpalign.privacy.per_pair import Engine, make_engine
 from dpalign.progress import make_progress
+from dpalign.rundir import RunDir, RunDirError
 from dpalign.train.checkpoint import latest_checkpoint, restore, save_checkpoint
 from dpalign.train.checks import (
     RunData,
@@ -78,10 +76,6 @@ from dpalign.train.reference import cached_reference, compute_reference
 from dpalign.train.step import chunk_batches
 
 StepHook = Callable[[dict[str, Any]], None]
-
-
-class RunDirError(ValueError):
-    """The run directory holds another run, or nothing to resume."""
 
 
 @dataclass(frozen=True)
@@ -113,10 +107,10 @@ def _same_config(saved: Any, cfg: TrainConfig) -> bool:
 def _check_dir(out: Path, cfg: TrainConfig, resume: bool) -> None:
     """Refuse a resume of no run or of another config, and a fresh start into a non-empty
     directory; writes nothing."""
-    saved = out / "config.yaml"
+    saved = RunDir(out).config
     if resume:
         if not saved.is_file():
-            raise RunDirError(f"{out}: no run to resume (config.yaml missing)")
+            raise RunDirError(f"{out}: no run to resume ({saved.name} missing)")
         if not _same_config(yaml.safe_load(saved.read_text()), cfg):
             raise RunDirError(f"{out}: --resume with a config that differs from the run's "
                               f"{saved}; resume with the same config")
@@ -128,9 +122,10 @@ def _check_dir(out: Path, cfg: TrainConfig, resume: bool) -> None:
 def _start_dir(out: Path, cfg: TrainConfig) -> None:
     """Create ``out`` with the resolved config and the environment's versions."""
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml",
+    run_dir = RunDir(out)
+    atomic_write_text(run_dir.config,
                       yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    atomic_write_json(out / "env.json", {
+    atomic_write_json(run_dir.env, {
         "python": platform.python_version(), "platform": platform.platform(),
         "threads": torch.get_num_threads(),
         **{p: version(p) for p in ("torch", "transformers", "peft", "dpalign")}})
@@ -358,9 +353,10 @@ def prepare(cfg: TrainConfig, out: Path, data: RunData | None = None) -> Session
     check_lengths(cfg.data.train, pairs, limit)
     check_lengths(cfg.data.heldout, held, limit)
 
-    ref = cached_reference(out / "reference" / "train.safetensors", model, pairs, pad_id,
+    run_dir = RunDir(out)
+    ref = cached_reference(run_dir.reference("train"), model, pairs, pad_id,
                            model_dir=cfg.model, with_corrupt=with_corrupt).to(device)
-    held_ref = (cached_reference(out / "reference" / "heldout.safetensors", model, held,
+    held_ref = (cached_reference(run_dir.reference("heldout"), model, held,
                                  pad_id, model_dir=cfg.model, with_corrupt=False,
                                  batch_size=cfg.eval.batch_size).to(device)
                 if held else None)
@@ -391,7 +387,7 @@ def _open_run(cfg: TrainConfig, out: Path, resume: bool) -> Session:
 def _evaluate(run: Session, out: Path, evaluations: list[dict[str, Any]], step: int,
               final: bool = True) -> None:
     evaluations.append(run.evaluate(run.model, step, final=final))
-    append_jsonl(out / "eval.jsonl", evaluations[-1])
+    append_jsonl(RunDir(out).evals, evaluations[-1])
 
 
 def _run_steps(run: Session, out: Path, start: int, state: dict[str, Any],
@@ -403,18 +399,19 @@ def _run_steps(run: Session, out: Path, start: int, state: dict[str, Any],
     budget stopped the run early, else None."""
     cfg, total = run.cfg, run.total
     last = total if run.plan is None else min(total, run.plan.budget_steps)
+    run_dir = RunDir(out)
     with make_progress() as bar:
         task = bar.add_task("train", total=last, completed=start, info="")
         for step in range(start + 1, last + 1):
             row = run.step(step, state)
             history.append(row)
-            append_jsonl(out / "metrics.jsonl", row)
+            append_jsonl(run_dir.metrics, row)
             if on_step:
                 on_step(row)
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == last):
                 _evaluate(run, out, evaluations, step, final=step == last)
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == last:
-                save_checkpoint(out / "checkpoints", step, run.model, run.optimizer,
+                save_checkpoint(run_dir.checkpoints, step, run.model, run.optimizer,
                                 run.schedule, state, cfg.checkpoint.keep)
             bar.update(task, advance=1, info=_progress_info(row))
         if last == total:
@@ -447,15 +444,16 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
     run = _open_run(cfg, out, resume)
     model, total = run.model, run.total
     state = initial_state()
+    run_dir = RunDir(out)
     if run.plan is not None:
-        atomic_write_json(out / "privacy.json", run.plan.to_dict(cfg.privacy))
+        atomic_write_json(run_dir.privacy, run.plan.to_dict(cfg.privacy))
     start = 0
-    if resume and (ck := latest_checkpoint(out / "checkpoints")) is not None:
+    if resume and (ck := latest_checkpoint(run_dir.checkpoints)) is not None:
         restore(ck, model, run.optimizer, run.schedule)
         start, state = ck.step, ck.state
-    history = _truncate(out / "metrics.jsonl", start)
-    _check_history(out / "metrics.jsonl", history, start)
-    evaluations = _truncate(out / "eval.jsonl", start)
+    history = _truncate(run_dir.metrics, start)
+    _check_history(run_dir.metrics, history, start)
+    evaluations = _truncate(run_dir.evals, start)
     if start == 0 and (cfg.eval.every or cfg.data.heldout) and not evaluations:
         _evaluate(run, out, evaluations, 0, final=total == 0)
 
@@ -463,12 +461,12 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
     taken = len(history)
     if evaluations and evaluations[-1]["step"] != taken:  # the final model's evaluation
         _evaluate(run, out, evaluations, taken)
-    with atomic_directory(out / "final") as staging:
+    with atomic_directory(run_dir.final) as staging:
         merged(model).save_pretrained(staging)
         run.processor.save_pretrained(staging)
     wall = time.perf_counter() - started
     final = history[-1] if history else {}
-    atomic_write_json(out / "result.json", {
+    atomic_write_json(run_dir.result, {
         "steps": taken, "planned_steps": total, "n_pairs": len(run.pairs),
         "final_step": final, "evaluations": evaluations,
         "privacy": _privacy_summary(run, state, taken), "stopped": stopped,
