@@ -14,7 +14,7 @@ import pytest
 from report_fixtures import Recipe, write_run, write_study
 
 from dpalign.report import ReportInputError, build_report, write_report
-from dpalign.report.figures import epsilon_scale
+from dpalign.report.plot import epsilon_scale
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SECTIONS = ("verdict", "figures", "tables", "reproducibility")

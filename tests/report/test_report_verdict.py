@@ -1,23 +1,25 @@
-"""The verdict rules on hand-made grid points: trend kinds decided by CI overlap, Spearman's
-rho by hand, breakpoints by the stated thresholds, and sentences that carry the numbers."""
+"""The verdict on hand-made grid points: sentences that carry the numbers of the rules'
+results (the rules themselves: tests/diagnostics/test_trends.py), series, study verdicts."""
 
 from __future__ import annotations
 
 import math
 
-import pytest
-
-from dpalign.report.series import Cell, Estimate, epsilon_series, k_series
-from dpalign.report.verdict import (
+from dpalign.diagnostics.trends import (
+    BREAK_RULES,
+    Estimate,
     VerdictThresholds,
-    breakpoint_sentence,
     find_breakpoint,
-    glance,
-    intervals_overlap,
-    run_summary,
-    spearman,
-    study_verdicts,
     trend,
+)
+from dpalign.report.fmt import estimate_text
+from dpalign.report.series import Cell, epsilon_series, k_series
+from dpalign.report.verdict import (
+    CRITERIA,
+    breakpoint_sentence,
+    glance,
+    run_summary,
+    study_verdicts,
     trend_sentence,
 )
 
@@ -39,64 +41,10 @@ def cell(epsilon: float, k: int = 8, *, diverged: float = 0.0, volatility: float
                 k=k, stats=stats)
 
 
-# ---------------------------------------------------------------- spearman, overlap
+# ---------------------------------------------------------------- trend sentences
 
 
-@pytest.mark.parametrize(("values", "rho"), [
-    ([1, 2, 3], 1.0),
-    ([3, 2, 1], -1.0),
-    ([1, 3, 2], 0.5),  # ranks 1,3,2 vs 1,2,3: d^2 = 0+1+1, 1 - 6*2/(3*8) = 0.5
-    ([0, 0, 1, 1], math.sqrt(0.8)),  # average ranks 1.5,1.5,3.5,3.5 vs 1..4
-])
-def test_spearman_by_hand(values: list[float], rho: float) -> None:
-    assert spearman(values) == pytest.approx(rho)
-
-
-def test_spearman_is_undefined_for_constant_or_single_values() -> None:
-    assert math.isnan(spearman([2, 2, 2]))
-    assert math.isnan(spearman([5]))
-
-
-def test_intervals_overlap_including_touching_ends() -> None:
-    assert intervals_overlap(Estimate(0.5, 0.4, 0.6, 3), Estimate(0.65, 0.6, 0.7, 3))
-    assert not intervals_overlap(Estimate(0.5, 0.4, 0.6, 3), Estimate(0.8, 0.7, 0.9, 3))
-
-
-# ---------------------------------------------------------------- trend
-
-
-def test_trend_rises_when_the_end_point_cis_are_disjoint() -> None:
-    t = trend([INF, 8, 1], [est(0.0), est(0.3, 0.1), est(1.0)])
-    assert t.kind == "rises"
-    assert t.start == (INF, est(0.0)) and t.end == (1, est(1.0))
-    assert t.rho == pytest.approx(1.0) and t.n_points == 3
-
-
-def test_trend_falls() -> None:
-    assert trend([4, 16], [est(0.9, 0.02), est(0.6, 0.05)]).kind == "falls"
-
-
-def test_overlapping_cis_mean_no_clear_change_even_if_means_differ() -> None:
-    t = trend([INF, 1], [est(0.010, 0.004), est(0.013, 0.004)])
-    assert t.kind == "no_clear_change"
-
-
-def test_one_seed_at_an_end_point_cannot_be_judged() -> None:
-    t = trend([INF, 1], [est(0.0, n=1), est(1.0, n=3)])
-    assert t.kind == "too_few_seeds"
-    assert trend([INF, 1], [est(0.0, n=1), est(1.0, n=3)],
-                 VerdictThresholds(min_seeds=1)).kind == "rises"
-
-
-def test_disjoint_ends_against_the_rank_trend_are_non_monotone() -> None:
-    # ends 0.5 -> 0.55 (disjoint: a rise) while the ranks 3,7,6,5,2,1,4 fall:
-    # sum d^2 = 82, rho = 1 - 6 * 82 / (7 * 48) = -13/28
-    means = [0.5, 0.9, 0.8, 0.7, 0.1, 0.0, 0.55]
-    t = trend(range(7), [est(m) for m in means])
-    assert t.kind == "non_monotone" and t.rho == pytest.approx(-13 / 28)
-
-
-def test_unmeasured_points_are_skipped_and_fewer_than_two_is_reported() -> None:
+def test_a_single_measured_point_is_reported_as_such() -> None:
     t = trend([INF, 1], [est(0.2), Estimate()])
     assert t.kind == "too_few_points" and t.n_points == 1
     assert trend_sentence("K=8", "steps_to_target", "epsilon", t) == (
@@ -117,7 +65,17 @@ def test_trend_sentence_carries_the_numbers() -> None:
     assert "0 [0, 0] (n=3) at ∞ (no DP) → 1 [1, 1] (n=3) at ε=2" in rising
 
 
+def test_estimate_text() -> None:
+    assert estimate_text(Estimate(2 / 3, 1 / 3, 1.0, 3)) == "0.667 [0.333, 1] (n=3)"
+    assert estimate_text(Estimate()) == "not measured"
+
+
 # ---------------------------------------------------------------- breakpoint
+
+
+def test_every_stability_rule_has_words_in_its_order() -> None:
+    assert list(CRITERIA) == list(BREAK_RULES)
+
 
 
 def test_breakpoint_by_divergence_rate_names_epsilon_and_noise_to_signal() -> None:

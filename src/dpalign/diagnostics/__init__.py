@@ -1,5 +1,6 @@
-"""Convergence-stability diagnostics: per-run summaries (:mod:`.run`) and their aggregation
-across seeds (:mod:`.aggregate`). Pure functions of the rows a run directory holds."""
+"""Convergence-stability diagnostics: per-run summaries (:mod:`.run`), their aggregation
+across seeds (:mod:`.aggregate`) and the rules that read trends and breakpoints off the
+aggregates (:mod:`.trends`). Pure functions of the rows a run directory holds."""
 
 from dpalign.diagnostics.aggregate import aggregate, bootstrap_ci, numeric_keys, summarize
 from dpalign.diagnostics.run import (

@@ -1,7 +1,7 @@
 """The study report: one self-contained HTML page (``report.html``) that answers the question
 first (sentences generated from the numbers, :mod:`.verdict`), then shows figures
-(:mod:`.figures`, also written as PNGs under ``figures/``), tables and what is needed to
-reproduce the study. Works on a study directory and on a single run directory.
+(:mod:`.study_figures`, :mod:`.run_figures`, also written as PNGs under ``figures/``), tables
+and what is needed to reproduce the study. Works on a study directory and on a single run directory.
 
     >>> from dpalign.report import build_report
     >>> build_report("runs/my-study")          # doctest: +SKIP

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["NO_DP", "format_epsilon", "format_number", "is_number"]
+from dpalign.diagnostics.trends import Estimate
+
+__all__ = ["NO_DP", "estimate_text", "format_epsilon", "format_number", "is_number"]
 
 NO_DP = "∞ (no DP)"
 """How a non-private point (epsilon = inf) is named everywhere in the report."""
@@ -34,3 +36,11 @@ def format_number(value: Any) -> str:
 def format_epsilon(epsilon: float) -> str:
     """``ε=2`` for a private point, :data:`NO_DP` for epsilon = inf."""
     return NO_DP if math.isinf(epsilon) else f"ε={epsilon:g}"
+
+
+def estimate_text(estimate: Estimate) -> str:
+    """``0.67 [0.33, 1] (n=3)``; ``not measured`` when there is no value."""
+    if not estimate.measured:
+        return "not measured"
+    return (f"{format_number(estimate.mean)} [{format_number(estimate.low)}, "
+            f"{format_number(estimate.high)}] (n={estimate.n})")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import jinja2
 
-from dpalign.report.figures import FigureOut
+from dpalign.report.plot import FigureOut
 from dpalign.report.tables import Table
 from dpalign.report.verdict import Verdict
 

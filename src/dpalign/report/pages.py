@@ -11,11 +11,13 @@ from typing import Any
 import yaml
 
 from dpalign.diagnostics import Thresholds, diagnose_run_dir
-from dpalign.report.figures import run_figures, study_figures
+from dpalign.diagnostics.trends import VerdictThresholds
 from dpalign.report.fmt import format_number
 from dpalign.report.html import Block, Page
 from dpalign.report.load import ReportInputError, RunInput, StudyInput
+from dpalign.report.run_figures import run_figures
 from dpalign.report.series import Cell, cells_from_tables, ok_runs
+from dpalign.report.study_figures import study_figures
 from dpalign.report.tables import (
     Table,
     TableCell,
@@ -26,8 +28,8 @@ from dpalign.report.tables import (
 )
 from dpalign.report.verdict import (
     KIND_WORDS,
+    VERDICT_DEFAULTS,
     Verdict,
-    VerdictThresholds,
     describe_rules,
     glance,
     run_summary,
@@ -39,7 +41,6 @@ __all__ = ["PAGES", "build_page", "run_page", "study_page"]
 
 NOT_RECORDED = "not recorded"
 DIAGNOSTIC_DEFAULTS = Thresholds()
-VERDICT_DEFAULTS = VerdictThresholds()
 
 
 def _pairs(values: Mapping[str, Any] | None) -> tuple[tuple[str, str], ...]:

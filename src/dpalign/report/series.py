@@ -1,6 +1,7 @@
 """From a study's tables to plain objects: one :class:`Cell` per grid point holding an
-:class:`Estimate` (mean, 95% CI, seed count) per metric, and the :class:`Series` the verdict
-and the figures walk along (over epsilon at fixed K, or over K at fixed epsilon).
+:class:`~dpalign.diagnostics.trends.Estimate` (mean, 95% CI, seed count) per metric, and the
+:class:`Series` the verdict and the figures walk along (over epsilon at fixed K, or over K at
+fixed epsilon).
 
 Everything after :func:`cells_from_tables` is free of pandas, so the verdict logic can be
 tested on hand-made cells.
@@ -16,14 +17,14 @@ from typing import Any
 import pandas as pd
 
 from dpalign.diagnostics import summarize
-from dpalign.report.fmt import format_epsilon, format_number
+from dpalign.diagnostics.trends import Estimate
+from dpalign.report.fmt import format_epsilon
 
 __all__ = [
     "GRID_FIELDS",
     "MECHANISM_NAMES",
     "METRICS",
     "Cell",
-    "Estimate",
     "Metric",
     "Series",
     "cells_from_tables",
@@ -31,27 +32,6 @@ __all__ = [
     "k_series",
     "ok_runs",
 ]
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A cross-seed mean with its 95% bootstrap interval and the number of seeds behind it."""
-
-    mean: float = math.nan
-    low: float = math.nan
-    high: float = math.nan
-    n: int = 0
-
-    @property
-    def measured(self) -> bool:
-        return self.n > 0 and not math.isnan(self.mean)
-
-    def text(self) -> str:
-        """``0.67 [0.33, 1] (n=3)``; ``not measured`` when there is no value."""
-        if not self.measured:
-            return "not measured"
-        return (f"{format_number(self.mean)} [{format_number(self.low)}, "
-                f"{format_number(self.high)}] (n={self.n})")
 
 
 @dataclass(frozen=True)

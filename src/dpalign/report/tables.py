@@ -10,8 +10,9 @@ from typing import Any
 
 import pandas as pd
 
+from dpalign.diagnostics.trends import Estimate
 from dpalign.report.fmt import NO_DP, format_number, is_number
-from dpalign.report.series import MECHANISM_NAMES, METRICS, Cell, Estimate
+from dpalign.report.series import MECHANISM_NAMES, METRICS, Cell
 
 __all__ = ["Table", "TableCell", "key_value_table", "points_table", "records_table",
            "runs_table"]

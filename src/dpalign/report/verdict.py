@@ -1,20 +1,10 @@
 """The answer, in sentences generated from the numbers (pure functions, no I/O).
 
-Two rules decide every sentence; their settings live in :class:`VerdictThresholds`.
-
-**Trend** (:func:`trend`): walk a :class:`~dpalign.report.series.Series` in its reading
-order (epsilon from no DP down to the smallest epsilon, i.e. more noise; K from few to many
-shots) and compare its two end points. The change is *clear* when both ends have at least
-``min_seeds`` seeds and their 95% bootstrap CIs do not overlap; then the metric "rises" or
-"falls" (or "changes non-monotonically" when Spearman's rho along the series has the other
-sign); otherwise there is "no clear change". Spearman's rho of the means against the position
-along the series is reported as the shape of the trend.
-
-**Breakpoint** (:func:`find_breakpoint`): walking an epsilon series towards more noise,
-stability breaks at the first point where the divergence rate is ``>= divergence_rate``
-(default 0.5) or the mean loss volatility is ``> volatility_ratio`` (default 2) times that of
-the non-private baseline (the least-private point when the study has no baseline). The point
-is named by its epsilon and its mean noise-to-signal ratio, with CIs and seed counts.
+The rules that decide every sentence (trend, breakpoint) and their settings
+(:class:`~dpalign.diagnostics.trends.VerdictThresholds`) live in
+:mod:`dpalign.diagnostics.trends`; this module turns their results into sentences. A
+breakpoint's point is named by its epsilon and its mean noise-to-signal ratio, with CIs and
+seed counts.
 """
 
 from __future__ import annotations
@@ -23,43 +13,36 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-from scipy.stats import rankdata
-
-from dpalign.report.fmt import format_epsilon, format_number
-from dpalign.report.series import METRICS, Cell, Estimate, Series, epsilon_series, k_series
+from dpalign.diagnostics.trends import (
+    Breakpoint,
+    Estimate,
+    Trend,
+    VerdictThresholds,
+    find_breakpoint,
+    trend,
+)
+from dpalign.report.fmt import estimate_text, format_epsilon, format_number
+from dpalign.report.series import METRICS, Cell, Series, epsilon_series, k_series
 
 __all__ = [
     "AXES",
     "CRITERIA",
     "KIND_WORDS",
     "QUESTIONS",
+    "VERDICT_DEFAULTS",
     "Axis",
-    "Breakpoint",
-    "Crossing",
-    "Trend",
     "Verdict",
-    "VerdictThresholds",
     "breakpoint_sentence",
     "describe_rules",
-    "find_breakpoint",
     "glance",
-    "intervals_overlap",
     "run_summary",
-    "spearman",
     "study_verdicts",
-    "trend",
     "trend_sentence",
 ]
 
 
-@dataclass(frozen=True)
-class VerdictThresholds:
-    """The settings of the two rules (see the module docstring)."""
-
-    divergence_rate: float = 0.5
-    volatility_ratio: float = 2.0
-    min_seeds: int = 2
+VERDICT_DEFAULTS = VerdictThresholds()
+"""The rules' default settings."""
 
 
 @dataclass(frozen=True)
@@ -71,54 +54,6 @@ class Verdict:
 
 
 # ---------------------------------------------------------------- trend
-
-
-def spearman(values: Sequence[float]) -> float:
-    """Spearman's rank correlation of ``values`` with their positions 0..n-1 (ties get
-    average ranks); NaN with fewer than 2 values or when all values are equal."""
-    y = np.asarray(values, dtype=float)
-    if y.size < 2 or np.all(y == y[0]):
-        return math.nan
-    return float(np.corrcoef(np.arange(y.size), rankdata(y))[0, 1])
-
-
-def intervals_overlap(a: Estimate, b: Estimate) -> bool:
-    """Whether the CIs ``[low, high]`` of ``a`` and ``b`` share a point."""
-    return a.low <= b.high and b.low <= a.high
-
-
-@dataclass(frozen=True)
-class Trend:
-    """How a metric moves along a series: ``kind`` is one of ``rises``, ``falls``,
-    ``non_monotone``, ``no_clear_change``, ``too_few_seeds``, ``too_few_points``; ``start``
-    and ``end`` are the end points (coordinate, estimate); ``rho`` is Spearman's rho."""
-
-    kind: str
-    start: tuple[float, Estimate] | None = None
-    end: tuple[float, Estimate] | None = None
-    rho: float = math.nan
-    n_points: int = 0
-
-
-def trend(xs: Sequence[float], estimates: Sequence[Estimate],
-          thresholds: VerdictThresholds = VerdictThresholds()) -> Trend:
-    """The :class:`Trend` of ``estimates`` at coordinates ``xs``, given in reading order
-    (unmeasured points are skipped)."""
-    kept = [(x, e) for x, e in zip(xs, estimates, strict=True) if e.measured]
-    if len(kept) < 2:
-        return Trend("too_few_points", start=kept[0] if kept else None, n_points=len(kept))
-    start, end = kept[0], kept[-1]
-    rho = spearman([e.mean for _, e in kept])
-    enough = min(start[1].n, end[1].n) >= thresholds.min_seeds
-    if not enough:
-        kind = "too_few_seeds"
-    elif intervals_overlap(start[1], end[1]):
-        kind = "no_clear_change"
-    else:
-        sign = 1.0 if end[1].mean > start[1].mean else -1.0
-        kind = ("non_monotone" if not math.isnan(rho) and rho * sign <= 0
-                else {1.0: "rises", -1.0: "falls"}[sign])
-    return Trend(kind, start, end, rho, len(kept))
 
 
 @dataclass(frozen=True)
@@ -149,7 +84,7 @@ _TREND_TEXT: dict[str, str] = {
 
 
 def _end_text(axis: Axis, end: tuple[float, Estimate] | None) -> str:
-    return "nowhere" if end is None else f"{end[1].text()} {axis.point(end[0])}"
+    return "nowhere" if end is None else f"{estimate_text(end[1])} {axis.point(end[0])}"
 
 
 def _rho_text(t: Trend, axis: Axis) -> str:
@@ -158,7 +93,7 @@ def _rho_text(t: Trend, axis: Axis) -> str:
 
 
 def trend_sentence(label: str, metric_key: str, along: str, t: Trend,
-                   thresholds: VerdictThresholds = VerdictThresholds()) -> str:
+                   thresholds: VerdictThresholds = VERDICT_DEFAULTS) -> str:
     """``K=8: divergence rate rises as ε decreases (more noise): 0 [0, 0] (n=3) at ∞ (no DP)
     → 1 [1, 1] (n=3) at ε=1 (Spearman ρ=+1.00 over 3 ε values).``"""
     axis = AXES[along]
@@ -174,11 +109,10 @@ def trend_sentence(label: str, metric_key: str, along: str, t: Trend,
 
 @dataclass(frozen=True)
 class Criterion:
-    """One way stability breaks: ``rule`` states it, ``fires(cell, baseline, t)`` tests a
-    point, ``shows(cell, baseline, t)`` gives the numbers behind it."""
+    """How sentences name one of :data:`~dpalign.diagnostics.trends.BREAK_RULES`: ``rule``
+    states it, ``shows(cell, baseline, t)`` gives the numbers behind it."""
 
     rule: Callable[[VerdictThresholds], str]
-    fires: Callable[[Cell, Cell, VerdictThresholds], bool]
     shows: Callable[[Cell, Cell, VerdictThresholds], str]
 
 
@@ -186,67 +120,18 @@ def _baseline_name(baseline: Cell) -> str:
     return format_epsilon(baseline.epsilon) if baseline.private else "no-DP"
 
 
-def _volatility_fires(cell: Cell, baseline: Cell, t: VerdictThresholds) -> bool:
-    base = baseline.get("loss_volatility").mean
-    value = cell.get("loss_volatility").mean
-    return cell is not baseline and base > 0 and value > t.volatility_ratio * base
-
-
 CRITERIA: dict[str, Criterion] = {
     "divergence": Criterion(
         rule=lambda t: f"divergence rate ≥ {t.divergence_rate:g}",
-        fires=lambda c, b, t: c.get("diverged").mean >= t.divergence_rate,
-        shows=lambda c, b, t: (f"divergence rate {c.get('diverged').text()} ≥ "
+        shows=lambda c, b, t: (f"divergence rate {estimate_text(c.get('diverged'))} ≥ "
                                f"{t.divergence_rate:g}")),
     "volatility": Criterion(
         rule=lambda t: f"loss volatility > {t.volatility_ratio:g}× the non-private baseline",
-        fires=_volatility_fires,
-        shows=lambda c, b, t: (f"loss volatility {c.get('loss_volatility').text()} > "
-                               f"{t.volatility_ratio:g}× the {_baseline_name(b)} baseline's "
+        shows=lambda c, b, t: (f"loss volatility {estimate_text(c.get('loss_volatility'))}"
+                               f" > {t.volatility_ratio:g}× the {_baseline_name(b)} baseline's "
                                f"{format_number(b.get('loss_volatility').mean)}")),
 }
-"""The stability criteria, each checked at every point of an epsilon series."""
-
-
-@dataclass(frozen=True)
-class Crossing:
-    """The first point of a series meeting criterion ``name``; ``previous`` is the point
-    just before it in the walk (``None`` when it is the first)."""
-
-    name: str
-    cell: Cell
-    previous: Cell | None
-
-
-@dataclass(frozen=True)
-class Breakpoint:
-    """Where an epsilon series breaks: the first crossing of each of :data:`CRITERIA` in walk
-    order (``crossings`` is empty when the series stays stable). ``broken`` is the first
-    point that crosses any criterion."""
-
-    baseline: Cell
-    crossings: tuple[Crossing, ...]
-    smallest: Cell
-
-    @property
-    def broken(self) -> Cell | None:
-        return self.crossings[0].cell if self.crossings else None
-
-
-def find_breakpoint(cells: Sequence[Cell],
-                    thresholds: VerdictThresholds = VerdictThresholds()) -> Breakpoint:
-    """Walk ``cells`` (an epsilon series in reading order: no DP first) and record, for each
-    of :data:`CRITERIA`, the first point meeting it. The baseline is the first non-private
-    point, else the first point."""
-    baseline = next((c for c in cells if not c.private), cells[0])
-    crossings = []
-    for name, rule in CRITERIA.items():
-        hit = next((i for i, c in enumerate(cells) if rule.fires(c, baseline, thresholds)),
-                   None)
-        if hit is not None:
-            crossings.append((hit, Crossing(name, cells[hit], cells[hit - 1] if hit else None)))
-    ordered = tuple(c for _, c in sorted(crossings, key=lambda pair: pair[0]))
-    return Breakpoint(baseline, ordered, cells[-1])
+"""The words for each of :data:`~dpalign.diagnostics.trends.BREAK_RULES`, in its order."""
 
 
 def _where(cell: Cell) -> str:
@@ -256,7 +141,7 @@ def _where(cell: Cell) -> str:
     nts = cell.get("mean_noise_to_signal")
     sigma = cell.get("sigma")
     extra = [f"σ {format_number(sigma.mean)}"] if sigma.measured else []
-    extra += [f"mean noise-to-signal {nts.text()}"] if nts.measured else []
+    extra += [f"mean noise-to-signal {estimate_text(nts)}"] if nts.measured else []
     return f"{format_epsilon(cell.epsilon)}" + (f" ({'; '.join(extra)})" if extra else "")
 
 
@@ -271,16 +156,16 @@ def _stable_note(previous: Cell | None) -> str:
     return f" (still stable at {format_epsilon(previous.epsilon)}{ratio})"
 
 
-def breakpoint_sentence(label: str, b: Breakpoint,
-                        thresholds: VerdictThresholds = VerdictThresholds()) -> str:
+def breakpoint_sentence(label: str, b: Breakpoint[Cell],
+                        thresholds: VerdictThresholds = VERDICT_DEFAULTS) -> str:
     """The breakpoint of one series: where stability first breaks and why, then where each
     further criterion is first crossed."""
     if b.broken is None:
         rules = " or ".join(CRITERIA[name].rule(thresholds) for name in CRITERIA)
         return (f"{label}: stable down to {_where(b.smallest)}: no point crosses {rules} "
                 f"(baseline {format_epsilon(b.baseline.epsilon)}: divergence rate "
-                f"{b.baseline.get('diverged').text()}, loss volatility "
-                f"{b.baseline.get('loss_volatility').text()}).")
+                f"{estimate_text(b.baseline.get('diverged'))}, loss volatility "
+                f"{estimate_text(b.baseline.get('loss_volatility'))}).")
     first = [c for c in b.crossings if c.cell is b.broken]
     shown = " and ".join(CRITERIA[c.name].shows(c.cell, b.baseline, thresholds)
                          for c in first)
@@ -361,7 +246,7 @@ def _question(keys: Sequence[str], by_epsilon: Sequence[Series], by_k: Sequence[
 
 
 def study_verdicts(cells: Sequence[Cell],
-                   thresholds: VerdictThresholds = VerdictThresholds()) -> list[Verdict]:
+                   thresholds: VerdictThresholds = VERDICT_DEFAULTS) -> list[Verdict]:
     """The answer to each of :data:`QUESTIONS` (over epsilon per K, then over K per epsilon),
     then where stability breaks along each epsilon series."""
     by_epsilon, by_k = _multi(epsilon_series(cells)), _multi(k_series(cells))
@@ -386,7 +271,7 @@ KIND_WORDS: dict[str, str] = {
 """How the at-a-glance table names each :class:`Trend` kind."""
 
 
-def glance(cells: Sequence[Cell], thresholds: VerdictThresholds = VerdictThresholds()
+def glance(cells: Sequence[Cell], thresholds: VerdictThresholds = VERDICT_DEFAULTS
            ) -> tuple[list[str], list[tuple[str, list[str]]]]:
     """The epsilon trends as a matrix: column labels (one per epsilon series, i.e. per K)
     and one row per question metric with the :data:`KIND_WORDS` of its trend in each."""
@@ -401,7 +286,7 @@ def glance(cells: Sequence[Cell], thresholds: VerdictThresholds = VerdictThresho
     return [s.label for s in series], rows
 
 
-def describe_rules(thresholds: VerdictThresholds = VerdictThresholds()) -> list[str]:
+def describe_rules(thresholds: VerdictThresholds = VERDICT_DEFAULTS) -> list[str]:
     """The rules behind the sentences, stated with their thresholds."""
     return [
         "Intervals are 95% percentile-bootstrap CIs of the mean over seeds; n is the number "
