@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from trl_peer import PeakRSS
 
+from dpalign.pretrain import PretrainConfig, pretrain
 from dpalign.train.config import TrainConfig
 from dpalign.train.loop import Session, initial_state
-from dpalign.train.pretrain import PretrainConfig, pretrain
 from dpalign.world.build import build_world
 from dpalign.world.config import WorldConfig
 from dpalign.world.load import World
@@ -115,4 +115,9 @@ def timed(step: Callable[[int], None], warmup: int, repeats: int,
 def session_times(session: Session, warmup: int, repeats: int) -> dict[str, Any]:
     """``timed`` over ``Session.step`` (collate, forward, loss, backward, optimizer)."""
     state = initial_state()
-    return timed(lambda k: session.step(k, state), warmup, repeats)
+
+    def step(k: int) -> None:
+        nonlocal state
+        _, state = session.step(k, state)
+
+    return timed(step, warmup, repeats)

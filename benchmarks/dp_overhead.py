@@ -54,10 +54,10 @@ from common import (
 from opacus_peer import opacus_dp_step, opacus_per_pair, wrap
 
 from dpalign.models.pairs import collate
-from dpalign.privacy.per_pair import make_engine, per_pair_grads
+from dpalign.privacy.per_pair import per_pair_grads
 from dpalign.privacy.sampling import shuffled_batch
 from dpalign.train.config import TrainConfig
-from dpalign.train.loop import Session, prepare
+from dpalign.train.loop import Session, build_grad_step, prepare
 from dpalign.train.optim import build_optimizer
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -74,9 +74,10 @@ OPACUS_UNSUPPORTED = ("vision_tower.embeddings.class_embedding",
 def freeze_unsupported(session: Session) -> tuple[Session, list[str]]:
     """``session`` with ``OPACUS_UNSUPPORTED`` frozen, and the names frozen.
 
-    ``prepare`` builds the per-pair engine and the optimizer over the parameters trainable
-    at that time, so both are rebuilt here over the ones left trainable (an engine keeping a
-    frozen parameter asks autograd for its gradient and fails)."""
+    ``prepare`` builds the gradient step (with its per-pair engine) and the optimizer over
+    the parameters trainable at that time, so both are rebuilt here over the ones left
+    trainable (an engine keeping a frozen parameter asks autograd for its gradient and
+    fails)."""
     frozen = [name for name, p in session.model.named_parameters()
               if name.endswith(OPACUS_UNSUPPORTED) and p.requires_grad]
     if not frozen:
@@ -87,10 +88,11 @@ def freeze_unsupported(session: Session) -> tuple[Session, list[str]]:
     named = {k: p for k, p in session.model.named_parameters() if p.requires_grad}
     params = list(named.values())
     optimizer, schedule = build_optimizer(params, session.cfg.optim, session.total)
-    engine = (make_engine(session.cfg.privacy.engine, session.model, named)
-              if session.engine is not None else None)
+    grad_step = build_grad_step(session.cfg, session.model, session.pairs, session.ref,
+                                session.objective, session.pad_id, session.units, session.plan,
+                                session.total)
     return replace(session, params=params, optimizer=optimizer, schedule=schedule,
-                   engine=engine), frozen
+                   grad_step=grad_step), frozen
 
 
 def config(model_dir: Path, pool: Path, *, lora: bool, dp: bool, batch_size: int,
@@ -103,7 +105,7 @@ def config(model_dir: Path, pool: Path, *, lora: bool, dp: bool, batch_size: int
 
 
 def batch_of(session: Session, step: int) -> tuple:
-    """The pairs dp_update would sample at ``step``: collated batch and reference."""
+    """The pairs the DP step would sample at ``step``: collated batch and reference."""
     idx = shuffled_batch(len(session.units), session.cfg.train.batch_size,
                          session.cfg.train.seed, step - 1)
     batch = collate([session.pairs[i] for i in idx], session.pad_id)

@@ -476,7 +476,7 @@ def _smoke() -> None:
         torch.set_num_threads(cli.threads)
     os.environ.setdefault("DPALIGN_NO_PROGRESS", "1")
     from dpalign.data.records import read_preference_jsonl
-    from dpalign.train.pretrain import PretrainConfig, pretrain
+    from dpalign.pretrain import PretrainConfig, pretrain
     from dpalign.world.build import build_world
     from dpalign.world.config import WorldConfig
     from dpalign.world.load import World

@@ -34,7 +34,7 @@ def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory, small_world: Path) -> Path:
     """The tiny preset pretrained for a few steps on the small world (a real model folder)."""
-    from dpalign.train.pretrain import PretrainConfig, pretrain
+    from dpalign.pretrain import PretrainConfig, pretrain
 
     tiny_pretrain = PretrainConfig(**TINY_PRETRAIN_KW)
 

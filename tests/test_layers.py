@@ -19,7 +19,7 @@ PACKAGE = "dpalign"
 LAYERS = ("io", "world", "data", "models", "losses", "privacy", "eval", "train", "pretrain",
           "diagnostics", "study", "report", "cli")
 # Modules whose layer is not their package's name (``dpalign.<package>...``): the top-level
-# utilities are the bottom layer; train/'s pretraining modules are the pretrain layer.
+# utilities are the bottom layer.
 LAYER_OF = {
     "dpalign": "io",
     "dpalign.io": "io",
@@ -28,9 +28,6 @@ LAYER_OF = {
     "dpalign.kernels": "io",
     "dpalign.rundir": "io",
     "dpalign.cli": "cli",
-    "dpalign.train.pretrain": "pretrain",
-    "dpalign.train.projector": "pretrain",
-    "dpalign.train.vision_warmup": "pretrain",
 }
 
 

@@ -131,12 +131,12 @@ def pretrain(
     overrides: Overrides = None,
 ) -> None:
     """Pretrain a base VLM on the world's biased pretraining split (cached at OUT)."""
-    from dpalign.train.pretrain import RECIPES, default_config
-    from dpalign.train.pretrain import pretrain as run_pretrain
+    from dpalign.pretrain import PRESETS, default_config
+    from dpalign.pretrain import pretrain as run_pretrain
     from dpalign.world.load import NotAWorldError
 
-    if preset not in RECIPES:
-        raise fail(f"unknown preset {preset!r}; choose one of {sorted(RECIPES)}")
+    if preset not in PRESETS:
+        raise fail(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     try:
         cfg = apply_overrides(default_config(preset), overrides or [])
         result = run_pretrain(world, out, cfg, force=force)

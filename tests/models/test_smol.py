@@ -28,9 +28,9 @@ from dpalign.models.efficientnet_lite import (
 from dpalign.models.encode import PromptEncoder, pixel_values
 from dpalign.models.load import LoadedVLM, load_vlm
 from dpalign.models.logprobs import image_tokens
-from dpalign.models.presets import PRESETS
 from dpalign.models.tiny import BuiltModel
 from dpalign.models.tokenizer import IMAGE
+from dpalign.pretrain import PRESETS
 
 pytestmark = pytest.mark.skipif(
     bool(smol.missing_packages()),

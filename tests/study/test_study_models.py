@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from dpalign.config import ConfigError
+from dpalign.pretrain import PretrainResult, default_config
 from dpalign.study import expand, load_study, preset_path, train_config
 from dpalign.study import models as study_models
 from dpalign.study.models import resolve_model, with_model
-from dpalign.train.pretrain import PretrainResult, default_config
 from dpalign.world.config import WorldConfig
 
 
@@ -78,7 +78,7 @@ def _pretrained(folder: Path, preset: str) -> Path:
 
 def test_with_model_adds_the_presets_align_settings(tmp_path: Path, small_world: Path,
                                                     recorded: list[tuple]) -> None:
-    """smol's ``Recipe.align`` (micro-batches of 4 pairs) goes under the study's base, for the
+    """smol's ``Preset.align`` (micro-batches of 4 pairs) goes under the study's base, for the
     preset's name and for a folder pretrained from it; the rest of the study is unchanged
     and a setting the study makes itself wins. A tiny model gets nothing."""
     study = load_study(preset_path("quickstart"), [f"world={small_world}"])

@@ -26,16 +26,11 @@ from dpalign.losses.objective import pair_logps
 from dpalign.models.pairs import collate
 from dpalign.privacy.accounting import PLD_DISCRETIZATION, Ledger, epsilon
 from dpalign.privacy.config import PrivacyConfig
+from dpalign.privacy.plan import SECURE_NOTICE, SEEDED_NOTICE, plan_privacy, privacy_units
 from dpalign.privacy.sampling import poisson_batch, shuffled_batch
 from dpalign.train.checkpoint import latest_checkpoint
 from dpalign.train.config import TrainConfig
-from dpalign.train.dp_step import (
-    SECURE_NOTICE,
-    SEEDED_NOTICE,
-    dp_update,
-    plan_privacy,
-    privacy_units,
-)
+from dpalign.train.dp_step import DPStep
 from dpalign.train.loop import Session, TrainResult, initial_state, prepare, train
 from dpalign.world.load import World
 
@@ -57,13 +52,12 @@ def _perturb(run: Session) -> None:
 
 
 def _dp_step(run: Session, step: int = 1) -> dict[str, Any]:
-    """``dp_update`` exactly as ``Session._private_grads`` calls it, on a fresh ledger."""
+    """The run's ``DPStep`` (as ``Session.step`` calls it) on a fresh ledger; the state it
+    was given stays as it was, the one it returns holds one step."""
     state = initial_state()
-    assert run.plan is not None and run.engine is not None
-    row = dp_update(run.engine, run.pairs, run.ref, run.units, run.objective, run.plan,
-                    run.cfg.privacy, step=step, seed=run.cfg.train.seed, pad_id=run.pad_id,
-                    state=state)
-    assert Ledger.from_json(state["ledger"]).steps == 1
+    assert isinstance(run.grad_step, DPStep)
+    row, after = run.grad_step(step, state)
+    assert state.ledger.steps == 0 and after.ledger.steps == 1
     return row
 
 
@@ -239,7 +233,7 @@ def test_dp_resume_keeps_the_ledger_exact(dp_finished: tuple[TrainConfig, TrainR
         train(cfg, out, on_step=crash_at(5))
     ck = latest_checkpoint(out / "checkpoints")
     assert ck is not None and ck.step == 4
-    assert Ledger.from_json(ck.state["ledger"]) == Ledger().record(1.0, 0.25, 4)
+    assert ck.state.ledger == Ledger().record(1.0, 0.25, 4)
 
     train(cfg, out, resume=True)
     rows = read_jsonl(out / "metrics.jsonl")

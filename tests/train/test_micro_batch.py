@@ -15,7 +15,7 @@ from dpalign.io import read_jsonl
 from dpalign.losses.objective import pair_logps
 from dpalign.models.pairs import collate
 from dpalign.train.config import TrainConfig
-from dpalign.train.dp_step import chunked_grads
+from dpalign.train.dp_step import DPStep, chunked_grads
 from dpalign.train.loop import prepare, train
 from dpalign.train.step import chunks
 
@@ -39,16 +39,17 @@ def test_chunked_per_pair_grads_equal_one_pair_at_a_time(make_config: MakeConfig
     cfg = make_config(data={"heldout": None}, eval={"every": None}, loss={"name": loss},
                       privacy={"enabled": True, "noise_multiplier": 1.0, "engine": engine})
     run = prepare(cfg, tmp_path / "run")
-    assert run.engine is not None
+    assert isinstance(run.grad_step, DPStep)
+    engine = run.grad_step.engine
     gen = torch.Generator().manual_seed(0)
     params = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
     with torch.no_grad():  # adapters off B = 0, so that no gradient is trivially zero
         for p in params.values():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     idx = [5, 0, 9, 2, 14, 7, 11]
-    grads, out = chunked_grads(run.engine, run.pairs, idx, run.ref, run.objective, run.pad_id,
+    grads, out = chunked_grads(engine, run.pairs, idx, run.ref, run.objective, run.pad_id,
                                micro_batch=3)
-    _, whole = chunked_grads(run.engine, run.pairs, idx, run.ref, run.objective, run.pad_id,
+    _, whole = chunked_grads(engine, run.pairs, idx, run.ref, run.objective, run.pad_id,
                              micro_batch=None)
     torch.testing.assert_close(out.per_example, whole.per_example, rtol=1e-5, atol=1e-6)
     with_corrupt = run.objective.spec.needs_corrupt

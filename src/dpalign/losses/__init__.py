@@ -13,7 +13,8 @@ must supply. ``spec.call`` is the one uniform way to run any loss; ``Objective``
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from torch import Tensor
@@ -33,6 +34,7 @@ from dpalign.losses.dama import (
     dama_alpha_data,
     dama_alpha_model,
     dama_batch_gap,
+    dama_context,
     update_running_mean,
 )
 from dpalign.losses.dpo import DpoParams, dpo, log_ratio_margin
@@ -45,6 +47,8 @@ from dpalign.losses.robust import RobustParams, robust
 from dpalign.losses.sft import sft_nll, with_sft
 
 LossFn = Callable[..., LossOut]
+# (policy, ref, state, params) -> (keyword inputs of the loss, new state); see LossSpec.
+BatchContext = Callable[..., tuple[dict[str, Any], Any]]
 
 
 @dataclass(frozen=True)
@@ -55,9 +59,15 @@ class LossSpec:
     params:            its frozen pydantic model of keyword parameters, with defaults.
     needs_corrupt:     policy/ref must carry ``chosen_corrupt`` (mDPO's corrupted image).
     needs_hardness:    the step passes ``hardness=`` (B,) in [0, 1] (DAMA).
-    needs_alpha_model: the step passes ``alpha_model=`` () from the loop's state (DAMA).
-    loop_params:       fields of ``params`` that configure the training loop rather than
+    needs_alpha_model: the step passes ``alpha_model=`` () (DAMA; from ``batch_context``).
+    loop_params:       fields of ``params`` that configure ``batch_context`` rather than
                        ``fn`` (e.g. DAMA's EMA momentum); ``call`` does not pass them to ``fn``.
+    batch_context:     None, or ``(policy, ref, state, params) -> (kwargs, new_state)``: keyword
+                       inputs of ``fn`` computed once per step from the whole batch's
+                       ``PairLogps`` (each (B,)) and a JSON state the loop keeps (DAMA's
+                       running reward gap; None before the first step).
+    private_context:   the keyword inputs used instead under DP, where one pair's loss may not
+                       depend on the other pairs of its batch (DAMA: alpha_model held at 1).
     """
 
     fn: LossFn
@@ -66,6 +76,8 @@ class LossSpec:
     needs_hardness: bool = False
     needs_alpha_model: bool = False
     loop_params: frozenset[str] = frozenset()
+    batch_context: BatchContext | None = None
+    private_context: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     def make_params(self, raw: Mapping[str, Any] | LossParams | None = None) -> LossParams:
         """Validate raw keyword parameters (unknown keys and out-of-range values raise)."""
@@ -101,7 +113,8 @@ LOSSES: dict[str, LossSpec] = {
     "mdpo": LossSpec(mdpo, MdpoParams, needs_corrupt=True),
     "mmdpo": LossSpec(mmdpo, MmdpoParams),
     "dama": LossSpec(dama, DamaParams, needs_hardness=True, needs_alpha_model=True,
-                     loop_params=frozenset({"momentum"})),
+                     loop_params=frozenset({"momentum"}), batch_context=dama_context,
+                     private_context=MappingProxyType({"alpha_model": 1.0})),
 }
 
 
@@ -124,6 +137,7 @@ def get_loss(name: str) -> LossSpec:
 __all__ = [
     "LOSSES",
     "TIE_RTOL",
+    "BatchContext",
     "LossFn",
     "LossOut",
     "LossParams",
@@ -135,6 +149,7 @@ __all__ = [
     "dama_alpha_data",
     "dama_alpha_model",
     "dama_batch_gap",
+    "dama_context",
     "dpo",
     "get_loss",
     "hinge",

@@ -27,16 +27,19 @@ R_bar its running mean (EMA with momentum gamma = 0.9, starting at 0 as in the a
 
 The authors' code takes R_B over a Gaussian-weighted random 80% of the batch; we use the plain
 batch mean. alpha_model is one scalar per step that mixes pairs, so it is computed outside the
-per-pair loss: the training loop calls ``dama_batch_gap``, ``dama_alpha_model`` and
-``update_running_mean`` once per step (it holds R_bar) and passes ``alpha_model`` in; the
-loss itself stays per-pair and vmap-friendly. Privacy note: alpha_model computed from the
-current batch makes every pair's step depend on the other pairs' data, so a DP run must
-either fix alpha_model = 1 or estimate the gap from data it may use (public, or privatised).
+per-pair loss: ``dama_context`` (DAMA's ``LossSpec.batch_context``, which the training loop
+calls once per step with the whole batch's log-probs and R_bar from its state) returns
+``alpha_model`` and the new R_bar; the loss itself stays per-pair and vmap-friendly.
+Privacy note: alpha_model computed from the current batch makes every pair's step depend on
+the other pairs' data, so a DP run must either fix alpha_model = 1 (DAMA's
+``LossSpec.private_context``, what the DP step does) or estimate the gap from data it may
+use (public, or privatised).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +84,16 @@ def update_running_mean(running_mean: float | None, batch_gap: float | Tensor,
     return momentum * previous + (1.0 - momentum) * float(batch_gap)
 
 
+def dama_context(policy: PairLogps, ref: PairLogps, running_mean: float | None,
+                 params: DamaParams) -> tuple[dict[str, Any], float]:
+    """DAMA's batch context: ``{"alpha_model": ()}`` from the whole batch's policy and
+    reference log-probs (each (B,)) and R_bar (``running_mean``), and R_bar advanced by the
+    batch's gap with ``params.momentum``."""
+    gap = dama_batch_gap(policy, ref)
+    alpha = dama_alpha_model(gap, running_mean)
+    return {"alpha_model": alpha}, update_running_mean(running_mean, gap, params.momentum)
+
+
 def dama(policy: PairLogps, ref: PairLogps, *, beta: float, hardness: Tensor,
          alpha_model: float | Tensor = 1.0, hardness_mean: float = 0.5,
          data_scale: float = 1.0) -> LossOut:
@@ -101,7 +114,7 @@ def dama(policy: PairLogps, ref: PairLogps, *, beta: float, hardness: Tensor,
 
 
 class DamaParams(LossParams):
-    """DAMA's hyper-parameters. ``momentum`` configures the loop's ``update_running_mean``;
+    """DAMA's hyper-parameters. ``momentum`` configures ``dama_context``'s running mean;
     the others are keyword arguments of ``dama``."""
 
     hardness_mean: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False)

@@ -8,6 +8,7 @@ policy and reference log-probs into the per-pair loss (plus the optional SFT ter
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,6 +54,18 @@ class Objective:
         out = self.spec.call(scored_policy, scored_ref, beta=self.beta, params=self.params,
                              hardness=hardness, alpha_model=alpha_model)
         return with_sft(out, policy, self.sft_weight) if self.sft_weight else out
+
+    @property
+    def has_batch_context(self) -> bool:
+        """Whether the loss takes inputs from the whole batch (``LossSpec.batch_context``)."""
+        return self.spec.batch_context is not None
+
+    def batch_context(self, policy: PairLogps, ref: PairLogps, state: Any
+                      ) -> tuple[dict[str, Any], Any]:
+        """The loss's keyword inputs from the whole batch's log-probs (each (B,)) and the
+        loop's loss state, and the new state; ``({}, state)`` for a loss without a context."""
+        hook = self.spec.batch_context
+        return ({}, state) if hook is None else hook(policy, ref, state, self.params)
 
 
 def kl_proxy(policy: PairLogps, ref: PairLogps) -> Tensor:

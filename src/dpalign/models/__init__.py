@@ -1,4 +1,4 @@
-"""Models: presets, loading, LoRA, pair encoding and collation, sequence log-probs.
+"""Models: the tiny and smol VLMs, loading, LoRA, pair encoding and collation, sequence log-probs.
 
 Importing the package registers dpalign's own vision towers with the transformers Auto
 classes (``efficientnet_lite``), so ``load_vlm`` and ``from_pretrained`` can read the folders

@@ -42,7 +42,7 @@ class Engine(Protocol):
     params: Params
 
     def __call__(self, batch: PairBatch, ref: PairLogps, objective: Objective,
-                 hardness: Tensor | None, alpha_model: AlphaModel
+                 hardness: Tensor | None, alpha_model: AlphaModel = None
                  ) -> tuple[dict[str, Tensor], LossOut]: ...
 
 
@@ -101,7 +101,7 @@ class LoopEngine:
     params: Params
 
     def __call__(self, batch: PairBatch, ref: PairLogps, objective: Objective,
-                 hardness: Tensor | None, alpha_model: AlphaModel
+                 hardness: Tensor | None, alpha_model: AlphaModel = None
                  ) -> tuple[dict[str, Tensor], LossOut]:
         rows: list[dict[str, Tensor]] = []
         outs: list[LossOut] = []
@@ -274,7 +274,7 @@ class HookEngine:
         return cls(model, params, linear_owners(model, params))
 
     def __call__(self, batch: PairBatch, ref: PairLogps, objective: Objective,
-                 hardness: Tensor | None, alpha_model: AlphaModel
+                 hardness: Tensor | None, alpha_model: AlphaModel = None
                  ) -> tuple[dict[str, Tensor], LossOut]:
         b = batch.n_pairs
         pair_of_row = torch.arange(len(batch.images_per_row)) % b

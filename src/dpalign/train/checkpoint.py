@@ -2,8 +2,9 @@
 
 Each checkpoint is a folder ``checkpoints/step_NNNNNN`` assembled under a temporary name and
 renamed into place, so a crash mid-write leaves the previous checkpoint intact. The loop
-state is a JSON object (step, DAMA's running mean, later the privacy ledger): everything
-needed for a resumed run to continue exactly where the interrupted one stopped.
+state (``LoopState``: the loss's state, e.g. DAMA's running mean, and the privacy ledger)
+is saved with the step as the JSON object ``state.json``: everything needed for a resumed
+run to continue exactly where the interrupted one stopped.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from safetensors.torch import load_file, save_file
 
 from dpalign.io import atomic_directory, atomic_write_json
 from dpalign.rundir import CHECKPOINT_PREFIX, checkpoint_name
+from dpalign.train.state import LoopState
 
 
 @dataclass(frozen=True)
 class Checkpoint:
     step: int
-    state: dict[str, Any]
+    state: LoopState
     path: Path
 
 
@@ -35,7 +37,7 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(folder: Path, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, schedule: Any, state: dict[str, Any],
+                    optimizer: torch.optim.Optimizer, schedule: Any, state: LoopState,
                     keep: int) -> Path:
     """Write ``folder/step_NNNNNN`` atomically and keep only the newest ``keep``."""
     target = folder / checkpoint_name(step)
@@ -43,7 +45,7 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module,
         save_file(trainable_state(model), str(staging / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "torch_rng": torch.get_rng_state()}, staging / "optimizer.pt")
-        atomic_write_json(staging / "state.json", {"step": step, **state})
+        atomic_write_json(staging / "state.json", {"step": step, **state.to_dict()})
     for old in sorted(folder.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
         shutil.rmtree(old)
     return target
@@ -55,7 +57,7 @@ def latest_checkpoint(folder: Path) -> Checkpoint | None:
     if not done:
         return None
     state = json.loads((done[-1] / "state.json").read_text())
-    return Checkpoint(int(state.pop("step")), state, done[-1])
+    return Checkpoint(int(state.pop("step")), LoopState.from_dict(state), done[-1])
 
 
 def restore(checkpoint: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

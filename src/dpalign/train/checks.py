@@ -23,8 +23,8 @@ from dpalign.models.encode import max_positions
 from dpalign.models.pairs import EncodedPair
 from dpalign.privacy.accounting import Ledger, epsilon
 from dpalign.privacy.label_dp import randomized_response
+from dpalign.privacy.plan import PrivacyPlan, plan_privacy, privacy_units
 from dpalign.train.config import TrainConfig
-from dpalign.train.dp_step import PrivacyPlan, plan_privacy, privacy_units
 
 
 class SequenceLengthError(ValueError):

@@ -22,7 +22,6 @@ the steps it took (``result.json`` ``steps``; ``planned_steps`` the configured o
 
 from __future__ import annotations
 
-import math
 import platform
 import shutil
 import time
@@ -36,7 +35,6 @@ from typing import Any
 import torch
 import yaml
 
-from dpalign.data.sampling import batch_indices, steps_per_epoch
 from dpalign.eval.preference import preference_metrics
 from dpalign.io import (
     append_jsonl,
@@ -46,15 +44,14 @@ from dpalign.io import (
     atomic_write_text,
     read_log_jsonl,
 )
-from dpalign.losses import dama_alpha_model, dama_batch_gap, update_running_mean
-from dpalign.losses.base import LossOut, PairLogps
-from dpalign.losses.objective import Objective, pair_logps, step_metrics
+from dpalign.losses.base import PairLogps
+from dpalign.losses.objective import Objective
 from dpalign.models.load import load_vlm, resolve_device, resolve_dtype
 from dpalign.models.lora import merged, prepare_trainable
-from dpalign.models.pairs import EncodedPair, PairBatch, encode_pairs
-from dpalign.privacy.accounting import Ledger
+from dpalign.models.pairs import EncodedPair, encode_pairs
 from dpalign.privacy.label_dp import flip_probability
-from dpalign.privacy.per_pair import Engine, make_engine
+from dpalign.privacy.per_pair import make_engine
+from dpalign.privacy.plan import PrivacyPlan, rank_and_world, spent_epsilon
 from dpalign.progress import make_progress
 from dpalign.rundir import RunDir, RunDirError
 from dpalign.train.checkpoint import latest_checkpoint, restore, save_checkpoint
@@ -65,15 +62,11 @@ from dpalign.train.checks import (
     length_limit,
 )
 from dpalign.train.config import TrainConfig
-from dpalign.train.dp_step import (
-    PrivacyPlan,
-    dp_update,
-    rank_and_world,
-    spent_epsilon,
-)
+from dpalign.train.dp_step import DPStep
 from dpalign.train.optim import build_optimizer
 from dpalign.train.reference import cached_reference, compute_reference
-from dpalign.train.step import chunk_batches
+from dpalign.train.state import GradStep, LoopState
+from dpalign.train.step import PlainStep
 
 StepHook = Callable[[dict[str, Any]], None]
 
@@ -244,7 +237,10 @@ def _progress_info(row: dict[str, Any]) -> str:
 
 @dataclass
 class Session:
-    """A run's model, data and optimizer, ready to step; ``step`` does one update."""
+    """A run's model, data and optimizer, ready to step; ``step`` does one update.
+
+    ``grad_step`` (a ``PlainStep``, or a ``DPStep`` when ``plan`` is set) sets the
+    gradients; ``units`` holds the pair indices of each privacy unit."""
 
     cfg: TrainConfig
     model: torch.nn.Module
@@ -260,72 +256,36 @@ class Session:
     total: int
     units: list[list[int]]
     plan: PrivacyPlan | None
-    engine: Engine | None
+    grad_step: GradStep
 
-    def step(self, step: int, state: dict[str, Any]) -> dict[str, Any]:
-        """One optimizer update on batch ``step`` (1-based); updates ``state`` in place and
-        returns the step's metrics row."""
+    def step(self, step: int, state: LoopState) -> tuple[dict[str, Any], LoopState]:
+        """One optimizer update on batch ``step`` (1-based): the step's metrics row and the
+        state after it (``state`` itself is a value and stays as it was)."""
         tick = time.perf_counter()
-        row = self._private_grads(step, state) if self.plan else self._plain_grads(step, state)
+        row, state = self.grad_step(step, state)
         lr = self.schedule.get_last_lr()[0]
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"step": step, **row, "lr": lr, "step_seconds": time.perf_counter() - tick}
-
-    def _private_grads(self, step: int, state: dict[str, Any]) -> dict[str, Any]:
-        """Set ``.grad`` to the DP noisy mean (``dp_update``); its metrics and epsilon."""
-        cfg = self.cfg
-        row = dp_update(self.engine, self.pairs, self.ref, self.units, self.objective,  # type: ignore[arg-type]
-                        self.plan, cfg.privacy, step=step, seed=cfg.train.seed,  # type: ignore[arg-type]
-                        pad_id=self.pad_id, state=state,
-                        micro_batch=cfg.train.micro_batch_size)
-        accounted = step % cfg.privacy.account_every == 0 or step == self.total
-        return {**row, "epsilon": spent_epsilon(state, cfg.privacy) if accounted else None}
-
-    def _plain_grads(self, step: int, state: dict[str, Any]) -> dict[str, Any]:
-        """Backward of the batch-mean loss (``train.micro_batch_size`` pairs at a time, the
-        gradients summed), clipped to ``optim.max_grad_norm``; metrics."""
-        cfg, objective = self.cfg, self.objective
-        idx = batch_indices(len(self.pairs), cfg.train.batch_size, cfg.train.seed, step - 1)
-        parts = chunk_batches(self.pairs, idx, self.ref, self.pad_id,
-                              with_corrupt=objective.spec.needs_corrupt,
-                              size=cfg.train.micro_batch_size)
-        batch_ref = self.ref.index(torch.tensor(idx))
-        first = pair_logps(self.model, parts[0][0])
-        alpha = (self._dama_alpha(first, [b for b, _ in parts[1:]], batch_ref, state)
-                 if objective.spec.needs_alpha_model else None)
-        results, policies = [], []
-        for k, (batch, part_ref) in enumerate(parts):
-            policy = first if k == 0 else pair_logps(self.model, batch)
-            result = objective(policy, part_ref, hardness=batch.hardness, alpha_model=alpha)
-            (result.per_example.sum() / len(idx)).backward()
-            results.append(LossOut(result.per_example.detach(), result.metrics))
-            policies.append(policy.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params,
-                                                   cfg.optim.max_grad_norm or math.inf)
-        return {"epoch": (step - 1) // steps_per_epoch(len(self.pairs), cfg.train.batch_size),
-                **step_metrics(LossOut.cat(results), PairLogps.cat(policies), batch_ref),
-                "grad_norm": float(grad_norm)}
-
-    def _dama_alpha(self, first: PairLogps, rest: list[PairBatch], batch_ref: PairLogps,
-                    state: dict[str, Any]) -> torch.Tensor:
-        """DAMA's model-aware factor from the whole batch's reward gap (``first`` chunk's
-        policy log-probs, the ``rest`` taken without a graph; ``batch_ref`` the whole
-        batch's), advancing the running mean in ``state``."""
-        with torch.no_grad():
-            later = [pair_logps(self.model, batch) for batch in rest]
-        gap = dama_batch_gap(PairLogps.cat([first.detach(), *later]), batch_ref)
-        alpha = dama_alpha_model(gap, state["dama_running_mean"])
-        state["dama_running_mean"] = update_running_mean(
-            state["dama_running_mean"], gap, self.objective.params.momentum)  # type: ignore[attr-defined]
-        return alpha
+        return {"step": step, **row, "lr": lr, "step_seconds": time.perf_counter() - tick}, state
 
 
-def initial_state() -> dict[str, Any]:
-    """The loop state before step 1 (saved in every checkpoint): DAMA's running reward-gap
-    mean and the privacy ledger."""
-    return {"dama_running_mean": None, "ledger": Ledger().to_json()}
+def initial_state() -> LoopState:
+    """The loop state before step 1 (saved in every checkpoint): no loss state (DAMA's
+    running reward-gap mean starts unset) and an empty privacy ledger."""
+    return LoopState()
+
+
+def build_grad_step(cfg: TrainConfig, model: torch.nn.Module, pairs: list[EncodedPair],
+                    ref: PairLogps, objective: Objective, pad_id: int, units: list[list[int]],
+                    plan: PrivacyPlan | None, total: int) -> GradStep:
+    """The run's gradient step over the parameters of ``model`` that require grad: the DP
+    step when ``plan`` is set (its per-pair engine ``privacy.engine``), else the plain one."""
+    named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if plan is None:
+        return PlainStep(cfg, model, pairs, ref, objective, list(named.values()), pad_id)
+    return DPStep(cfg, make_engine(cfg.privacy.engine, model, named), pairs, ref, objective,
+                  units, plan, pad_id, total)
 
 
 def prepare(cfg: TrainConfig, out: Path, data: RunData | None = None) -> Session:
@@ -364,12 +324,11 @@ def prepare(cfg: TrainConfig, out: Path, data: RunData | None = None) -> Session
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, schedule = build_optimizer(params, cfg.optim, data.total)
-    engine = (make_engine(cfg.privacy.engine, model,
-                          {k: p for k, p in model.named_parameters() if p.requires_grad})
-              if data.plan else None)
+    grad_step = build_grad_step(cfg, model, pairs, ref, objective, pad_id, data.units,
+                                data.plan, data.total)
     return Session(cfg, model, processor, pairs, ref, objective, optimizer, schedule, params,
                    Evaluator(cfg, processor, held, held_ref, pad_id), pad_id, data.total,
-                   data.units, data.plan, engine)
+                   data.units, data.plan, grad_step)
 
 
 def _open_run(cfg: TrainConfig, out: Path, resume: bool) -> Session:
@@ -390,20 +349,20 @@ def _evaluate(run: Session, out: Path, evaluations: list[dict[str, Any]], step: 
     append_jsonl(RunDir(out).evals, evaluations[-1])
 
 
-def _run_steps(run: Session, out: Path, start: int, state: dict[str, Any],
+def _run_steps(run: Session, out: Path, start: int, state: LoopState,
                history: list[dict[str, Any]], evaluations: list[dict[str, Any]],
-               on_step: StepHook | None) -> str | None:
+               on_step: StepHook | None) -> tuple[LoopState, str | None]:
     """Steps ``start + 1 .. last`` (logs, evaluations, checkpoints), ``last`` the planned
     total or the last step the privacy budget allows; the step where training ends is
-    always evaluated (with ``eval.every``) and checkpointed. Returns the reason when the
-    budget stopped the run early, else None."""
+    always evaluated (with ``eval.every``) and checkpointed. Returns the state after the
+    last step and the reason when the budget stopped the run early, else None."""
     cfg, total = run.cfg, run.total
     last = total if run.plan is None else min(total, run.plan.budget_steps)
     run_dir = RunDir(out)
     with make_progress() as bar:
         task = bar.add_task("train", total=last, completed=start, info="")
         for step in range(start + 1, last + 1):
-            row = run.step(step, state)
+            row, state = run.step(step, state)
             history.append(row)
             append_jsonl(run_dir.metrics, row)
             if on_step:
@@ -415,19 +374,19 @@ def _run_steps(run: Session, out: Path, start: int, state: dict[str, Any],
                                 run.schedule, state, cfg.checkpoint.keep)
             bar.update(task, advance=1, info=_progress_info(row))
         if last == total:
-            return None
+            return state, None
         stopped = (f"stopped before step {last + 1}: one more step would take epsilon "
                    f"above privacy.target_epsilon={cfg.privacy.target_epsilon}")
         bar.console.print(stopped)
-        return stopped
+        return state, stopped
 
 
-def _privacy_summary(run: Session, state: dict[str, Any], taken: int) -> dict[str, Any] | None:
+def _privacy_summary(run: Session, state: LoopState, taken: int) -> dict[str, Any] | None:
     cfg = run.cfg
     privacy = None
     if run.plan is not None:
         privacy = {**run.plan.to_dict(cfg.privacy), "steps_taken": taken,
-                   "epsilon": spent_epsilon(state, cfg.privacy)}
+                   "epsilon": spent_epsilon(state.ledger, cfg.privacy)}
     if cfg.privacy.label_epsilon is not None:
         privacy = {**(privacy or {}), "label_epsilon": cfg.privacy.label_epsilon,
                    "label_flip_rate": flip_probability(cfg.privacy.label_epsilon),
@@ -457,7 +416,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
     if start == 0 and (cfg.eval.every or cfg.data.heldout) and not evaluations:
         _evaluate(run, out, evaluations, 0, final=total == 0)
 
-    stopped = _run_steps(run, out, start, state, history, evaluations, on_step)
+    state, stopped = _run_steps(run, out, start, state, history, evaluations, on_step)
     taken = len(history)
     if evaluations and evaluations[-1]["step"] != taken:  # the final model's evaluation
         _evaluate(run, out, evaluations, taken)

@@ -1,14 +1,22 @@
-"""A step's batches in chunks: pairs collated a micro-batch at a time, with their reference
-log-probs (the loss and its metrics are ``dpalign.losses.objective``)."""
+"""A step's batches in chunks (pairs collated a micro-batch at a time, with their reference
+log-probs) and the plain, non-DP step's gradients (the loss and its metrics are
+``dpalign.losses.objective``; the DP step is ``dpalign.train.dp_step``)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from dpalign.losses.base import PairLogps
+from dpalign.data.sampling import batch_indices, steps_per_epoch
+from dpalign.losses.base import LossOut, PairLogps
+from dpalign.losses.objective import Objective, pair_logps, step_metrics
 from dpalign.models.pairs import EncodedPair, PairBatch, collate
+from dpalign.train.config import TrainConfig
+from dpalign.train.state import LoopState
 
 
 def chunks(n: int, size: int | None) -> list[slice]:
@@ -23,3 +31,53 @@ def chunk_batches(pairs: Sequence[EncodedPair], idx: list[int], ref: PairLogps, 
     log-probs of its pairs (``ref`` holds every pair's, indexed like ``pairs``)."""
     return [(collate([pairs[i] for i in idx[part]], pad_id, with_corrupt=with_corrupt),
              ref.index(torch.tensor(idx[part]))) for part in chunks(len(idx), size)]
+
+
+@dataclass(frozen=True)
+class PlainStep:
+    """The non-DP step: the backward of the batch-mean loss (``train.micro_batch_size``
+    pairs at a time, the gradients summed), clipped to ``optim.max_grad_norm``. A loss with
+    a batch context (DAMA) gets it from the whole batch's policy log-probs."""
+
+    cfg: TrainConfig
+    model: torch.nn.Module
+    pairs: list[EncodedPair]
+    ref: PairLogps
+    objective: Objective
+    params: list[torch.nn.Parameter]
+    pad_id: int
+
+    def __call__(self, step: int, state: LoopState) -> tuple[dict[str, Any], LoopState]:
+        """Set ``.grad`` for batch ``step`` (1-based); the metrics row and the new state."""
+        cfg, objective = self.cfg, self.objective
+        idx = batch_indices(len(self.pairs), cfg.train.batch_size, cfg.train.seed, step - 1)
+        parts = chunk_batches(self.pairs, idx, self.ref, self.pad_id,
+                              with_corrupt=objective.spec.needs_corrupt,
+                              size=cfg.train.micro_batch_size)
+        batch_ref = self.ref.index(torch.tensor(idx))
+        first = pair_logps(self.model, parts[0][0])
+        context, loss_state = (self._context(first, [b for b, _ in parts[1:]], batch_ref,
+                                             state.loss_state)
+                               if objective.has_batch_context else ({}, state.loss_state))
+        results, policies = [], []
+        for k, (batch, part_ref) in enumerate(parts):
+            policy = first if k == 0 else pair_logps(self.model, batch)
+            result = objective(policy, part_ref, hardness=batch.hardness, **context)
+            (result.per_example.sum() / len(idx)).backward()
+            results.append(LossOut(result.per_example.detach(), result.metrics))
+            policies.append(policy.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params,
+                                                   cfg.optim.max_grad_norm or math.inf)
+        row = {"epoch": (step - 1) // steps_per_epoch(len(self.pairs), cfg.train.batch_size),
+               **step_metrics(LossOut.cat(results), PairLogps.cat(policies), batch_ref),
+               "grad_norm": float(grad_norm)}
+        return row, LoopState(loss_state, state.ledger)
+
+    def _context(self, first: PairLogps, rest: list[PairBatch], batch_ref: PairLogps,
+                 loss_state: Any) -> tuple[dict[str, Any], Any]:
+        """The loss's batch context from the whole batch (``first`` chunk's policy
+        log-probs, the ``rest`` taken without a graph; ``batch_ref`` the whole batch's)."""
+        with torch.no_grad():
+            later = [pair_logps(self.model, batch) for batch in rest]
+        return self.objective.batch_context(PairLogps.cat([first.detach(), *later]), batch_ref,
+                                            loss_state)

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import TINY_PRETRAIN_KW
 from dpalign.models.load import load_vlm
-from dpalign.train.pretrain import PretrainConfig, pretrain
+from dpalign.pretrain import PretrainConfig, pretrain
 
 
 def test_a_few_pretrain_steps_lower_the_loss(tiny_model: Path) -> None:

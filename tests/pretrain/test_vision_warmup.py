@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dpalign.train.vision_warmup import cell_labels, pool_cells
+from dpalign.pretrain.vision_warmup import cell_labels, pool_cells
 from dpalign.world.vocab import CATEGORY_NAMES, COLOUR_NAMES
 
 
@@ -30,7 +30,7 @@ def test_word_token_ids_are_the_mid_sentence_tokens(tiny_model) -> None:
     """Each category's id is the token the tokenizer gives " <word>" (the form inside
     captions and questions), and every category maps to a distinct token."""
     from dpalign.models.load import load_vlm
-    from dpalign.train.vision_warmup import word_token_ids
+    from dpalign.pretrain.vision_warmup import word_token_ids
 
     tokenizer = load_vlm(tiny_model).processor.tokenizer
     ids = word_token_ids(tokenizer, list(CATEGORY_NAMES))
@@ -61,7 +61,7 @@ def test_align_projector_puts_image_tokens_next_to_their_words(tiny_model, small
     from dpalign.io import read_jsonl
     from dpalign.models.encode import pixel_values
     from dpalign.models.load import load_vlm
-    from dpalign.train.vision_warmup import align_projector, word_token_ids
+    from dpalign.pretrain.vision_warmup import align_projector, word_token_ids
     from dpalign.world.load import World
 
     torch.manual_seed(0)

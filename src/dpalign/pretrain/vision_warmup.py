@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.functional import cross_entropy
 
 from dpalign.models.logprobs import image_tokens
+from dpalign.pretrain.loop import optimise
 from dpalign.world.vocab import CATEGORY_NAMES, COLOUR_NAMES
 
 EMPTY = 0  # class 0 = empty cell; categories and colours are numbered from 1
@@ -75,13 +76,10 @@ def sampled_adamw(params: list[nn.Parameter],
     replacement from ``range(n_items)`` by ``gen``; ``loss_of(idx (B,)) -> (loss, accuracy)``.
     Returns one row per step keyed by ``names`` = (step, loss, accuracy)."""
     optim = torch.optim.AdamW(params, lr=lr)
+    batches = (torch.randint(n_items, (batch_size,), generator=gen) for _ in range(steps))
     log: list[dict[str, float]] = []
-    for step in range(1, steps + 1):
-        loss, accuracy = loss_of(torch.randint(n_items, (batch_size,), generator=gen))
-        loss.backward()
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        row = dict(zip(names, (step, float(loss.detach()), float(accuracy)), strict=True))
+    for s in optimise(params, optim, batches, loss_of):
+        row = dict(zip(names, (s.step, s.loss, float(s.aux)), strict=True))
         log.append(row)
         if on_step:
             on_step(row)

@@ -21,8 +21,8 @@ from dpalign.models.load import load_vlm
 from dpalign.models.lora import merged
 from dpalign.models.smol import build_smol, cached_smollm2
 from dpalign.models.tiny import BuiltModel
-from dpalign.train.pretrain import PretrainConfig, default_config, pretrain
-from dpalign.train.projector import (
+from dpalign.pretrain import PretrainConfig, default_config, pretrain
+from dpalign.pretrain.projector import (
     FeatureData,
     PackedBatch,
     ProjectorPretrainConfig,
@@ -34,7 +34,7 @@ from dpalign.train.projector import (
     train_stage,
     with_language_model,
 )
-from dpalign.train.vision_warmup import token_cells, token_labels
+from dpalign.pretrain.vision_warmup import token_cells, token_labels
 from dpalign.world.load import World
 
 pytestmark = pytest.mark.skipif(

@@ -15,6 +15,9 @@ path's loss). Stages, each skipped at 0 steps:
   model when ``lora.enabled`` is false) train together with the projector; the adapters
   are merged before saving, so the result is a plain model folder.
 
+The stages as the ``smol`` preset runs them (``ground_stage``, ``projector_stage``,
+``lm_stage``) close the module.
+
 A batch is a few images, each with all its rows packed into one sequence behind their
 shared prefix (system turn + image tokens): ``[prefix | prompt_1 response_1 | prompt_2
 response_2 | ...]``, where each row attends to the prefix and to itself only and its
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,18 +42,19 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.nn.functional import cross_entropy
-from transformers import ProcessorMixin, get_cosine_schedule_with_warmup
+from transformers import ProcessorMixin
 
 from dpalign.io import read_jsonl
 from dpalign.models.encode import IGNORE, PromptEncoder, pixel_values, response_ids
-from dpalign.models.lora import LoraConfig, prepare_trainable
-from dpalign.progress import make_progress
-from dpalign.train.vision_warmup import (
+from dpalign.models.lora import LoraConfig, merged, prepare_trainable
+from dpalign.pretrain.loop import PretrainRun, shuffled_batches, supervised
+from dpalign.pretrain.vision_warmup import (
     cell_labels,
     ground_image_tokens,
     token_labels,
     word_token_ids,
 )
+from dpalign.progress import make_progress
 from dpalign.world.load import World
 from dpalign.world.vocab import CATEGORY_NAMES, COLOUR_NAMES
 
@@ -214,18 +218,6 @@ def response_loss(model: nn.Module, projector: nn.Module, batch: PackedBatch,
                          ignore_index=IGNORE)
 
 
-def shuffled_batches(n: int, batch_size: int, steps: int,
-                     gen: torch.Generator) -> Iterator[Tensor]:
-    """Index tensors of ``batch_size``, reshuffling at each epoch boundary."""
-    order = torch.randperm(n, generator=gen)
-    cursor = 0
-    for _ in range(steps):
-        if cursor + batch_size > n:
-            order, cursor = torch.randperm(n, generator=gen), 0
-        yield order[cursor:cursor + batch_size]
-        cursor += batch_size
-
-
 @dataclass
 class FeatureData:
     """Token ids per row, each row's image index, the rows of each image (file order), the
@@ -285,39 +277,17 @@ def train_stage(name: str, model: nn.Module, projector: nn.Module, data: Feature
         task = bar.add_task(f"{name}: image features", total=len(needed), info="")
         data.bank.ensure(needed, on_batch=lambda n: bar.update(task, advance=n))
     feature_seconds = time.perf_counter() - start
-    params = [p for p in model.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    sched = get_cosine_schedule_with_warmup(optim, min(cfg.warmup_steps, steps), steps)
-    result = StageResult()
-    running = math.nan
-    model.train()
-    with make_progress() as bar:
-        task = bar.add_task(name, total=steps, info="")
-        for step, idx in enumerate(plan, 1):
-            batch = pack_batch(data, idx, pad_id, image_token_id)
-            loss = response_loss(model, projector, batch, data.bank[idx], image_token_id)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optim.step()
-            sched.step()
-            optim.zero_grad(set_to_none=True)
-            value = float(loss.detach())
-            running = value if math.isnan(running) else 0.95 * running + 0.05 * value
-            if step == 1 or step % cfg.log_every == 0 or step == steps:
-                row = {"stage": name, "step": step, "loss": value, "loss_ema": running,
-                       "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
-                       "time": time.perf_counter() - start}
-                result.rows.append(row)
-                if on_log:
-                    on_log(row)
-            bar.update(task, advance=1, info=f"loss {running:.3f}")
-    model.eval()
-    result.summary = {"steps": steps, "first_loss": result.rows[0]["loss"],
-                      "last_loss": running, "images_encoded": len(needed),
-                      "feature_seconds": round(feature_seconds, 2),
-                      "wall_seconds": round(time.perf_counter() - start, 2),
-                      "trainable_parameters": sum(p.numel() for p in params)}
-    return result
+    result = supervised(
+        model, plan, lambda idx: response_loss(model, projector, pack_batch(
+            data, idx, pad_id, image_token_id), data.bank[idx], image_token_id),
+        name=name, steps=steps, lr=lr, weight_decay=cfg.weight_decay,
+        warmup_steps=min(cfg.warmup_steps, steps), max_grad_norm=cfg.max_grad_norm,
+        log_every=cfg.log_every, start=start, tags={"stage": name}, on_log=on_log)
+    return StageResult(result.rows, {
+        "steps": steps, "first_loss": result.rows[0]["loss"], "last_loss": result.loss_ema,
+        "images_encoded": len(needed), "feature_seconds": round(feature_seconds, 2),
+        "wall_seconds": round(time.perf_counter() - start, 2),
+        "trainable_parameters": result.trainable_parameters})
 
 
 def ground_tokens(model: nn.Module, processor: ProcessorMixin, data: FeatureData, world: World,
@@ -384,3 +354,44 @@ def with_language_model(model: nn.Module, lora: LoraConfig) -> nn.Module:
         elif "multi_modal_projector" in name:
             param.requires_grad_(True)
     return trainable
+
+
+# --- the smol preset's stages ------------------------------------------------------------
+
+def _feature_stage(run: PretrainRun, name: str, trainable: nn.Module, steps: int,
+                   lr: float) -> None:
+    if not steps:
+        return
+    result = train_stage(
+        name, trainable, run.model.model.multi_modal_projector, run.data, steps=steps, lr=lr,
+        cfg=run.cfg, gen=run.gen, image_token_id=run.model.config.image_token_id,
+        pad_id=run.pad_id, on_log=run.on_log)
+    run.log.extend(result.rows)
+    run.summary.setdefault("stages", {})[name] = result.summary
+    run.summary["steps"] = run.summary.get("steps", 0) + steps
+
+
+def ground_stage(run: PretrainRun) -> None:
+    """The projector's image tokens learn to lie next to their words (no language model)."""
+    if not run.cfg.ground_steps:
+        return
+    result = ground_tokens(run.model, run.processor, run.data, run.world, run.cfg, run.gen)
+    run.log.extend(result.rows)
+    run.summary.setdefault("stages", {})["ground"] = result.summary
+
+
+def projector_stage(run: PretrainRun) -> None:
+    """Only the projector trains; tower and language model are frozen."""
+    projector_only(run.model)
+    _feature_stage(run, "projector", run.model, run.cfg.projector_steps, run.cfg.projector_lr)
+
+
+def lm_stage(run: PretrainRun) -> None:
+    """LoRA on the language model (full weights if ``lora.enabled`` is false) plus the
+    projector; adapters merged into the weights afterwards."""
+    if not run.cfg.lm_steps:
+        return
+    trainable = with_language_model(run.model, run.cfg.lora)
+    _feature_stage(run, "lm", trainable, run.cfg.lm_steps, run.cfg.lm_lr)
+    run.model = merged(trainable)
+    run.model.requires_grad_(False)

@@ -1,0 +1,41 @@
+"""The loop's state between steps: a value that each step returns anew.
+
+``LoopState`` holds what a resumed run needs besides the weights and the optimizer: the
+loss's batch-context state (DAMA's running mean of the reward gap; None for other losses)
+and the privacy ledger. Only the checkpoint serialises it (``to_dict``/``from_dict``), to
+the same JSON object as before it was typed, so older checkpoints resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dpalign.privacy.accounting import Ledger
+
+LOSS_STATE_KEY = "dama_running_mean"  # the checkpoint's key of ``LoopState.loss_state``
+
+
+@dataclass(frozen=True)
+class LoopState:
+    """loss_state: the loss's batch-context state (``LossSpec.batch_context``), a JSON
+    value; ledger: the DP events so far (empty without DP)."""
+
+    loss_state: float | None = None
+    ledger: Ledger = field(default_factory=Ledger)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The checkpoint's ``state.json`` object (without its ``step``)."""
+        return {LOSS_STATE_KEY: self.loss_state, "ledger": self.ledger.to_json()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> LoopState:
+        """Inverse of ``to_dict``."""
+        return cls(raw[LOSS_STATE_KEY], Ledger.from_json(raw["ledger"]))
+
+
+class GradStep(Protocol):
+    """One step's gradients: sets ``.grad`` of the trainable parameters for batch ``step``
+    (1-based) and returns the step's metrics row and the state after it."""
+
+    def __call__(self, step: int, state: LoopState) -> tuple[dict[str, Any], LoopState]: ...
