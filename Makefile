@@ -37,7 +37,8 @@ test: setup
 # The numerically sensitive tests again under a second set of CPU kernels: results that
 # depend on how one CPU rounds fail here instead of on a newcomer's machine. AVX-512
 # machines rerun with AVX2 kernels (torch and MKL), AVX2 machines with the scalar ones.
-KERNEL_TESTS ?= tests/train tests/privacy tests/losses tests/study tests/eval/test_preference_ties.py
+KERNEL_TESTS ?= tests/train tests/pretrain tests/privacy tests/losses tests/study \
+                tests/eval/test_preference_ties.py
 test-kernels: setup
 	env $$($(BIN)/python -m dpalign.kernels) $(BIN)/python -m pytest -q $(KERNEL_TESTS)
 
