@@ -97,12 +97,25 @@ def test_one_seed_at_an_end_point_cannot_be_judged() -> None:
                  VerdictThresholds(min_seeds=1)).kind == "rises"
 
 
-def test_disjoint_ends_against_the_rank_trend_are_non_monotone() -> None:
-    # ends 0.5 -> 0.55 (disjoint: a rise) while the ranks 3,7,6,5,2,1,4 fall:
-    # sum d^2 = 82, rho = 1 - 6 * 82 / (7 * 48) = -13/28
+def test_disjoint_ends_with_a_weak_rank_trend_are_no_clear_trend() -> None:
+    # ends 0.5 -> 0.55 (disjoint) while the ranks 3,7,6,5,2,1,4 fall:
+    # sum d^2 = 82, rho = 1 - 6 * 82 / (7 * 48) = -13/28; |rho| < 0.8: no trend is called;
+    # with the rho bar removed the ends against the rank trend read as non-monotone
     means = [0.5, 0.9, 0.8, 0.7, 0.1, 0.0, 0.55]
     t = trend(range(7), [est(m) for m in means])
-    assert t.kind == "non_monotone" and t.rho == pytest.approx(-13 / 28)
+    assert t.kind == "no_clear_trend" and t.rho == pytest.approx(-13 / 28)
+    loose = trend(range(7), [est(m) for m in means], VerdictThresholds(min_rho=0.0))
+    assert loose.kind == "non_monotone"
+
+
+def test_rho_of_0_2_gives_no_trend_and_0_9_with_separated_cis_gives_one() -> None:
+    weak = [0.1, 0.4, 0.5, 0.2, 0.3]  # ranks 1,4,5,2,3: sum d^2 = 0+4+4+4+4 = 16 -> 0.2
+    t = trend(range(5), [est(m, 0.01) for m in weak])
+    assert t.rho == pytest.approx(0.2) and t.kind == "no_clear_trend"  # ends 0.1 vs 0.3 apart
+    strong = [0.1, 0.3, 0.2, 0.4, 0.5]  # ranks 1,3,2,4,5: sum d^2 = 2 -> rho = 0.9
+    t = trend(range(5), [est(m, 0.01) for m in strong])
+    assert t.rho == pytest.approx(0.9) and t.kind == "rises"
+    assert trend(range(5), [est(m, 0.3) for m in strong]).kind == "no_clear_change"
 
 
 def test_unmeasured_points_are_skipped() -> None:

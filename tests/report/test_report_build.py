@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Callable
+from html import unescape
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,9 @@ def _embedded_pngs(html: str) -> list[bytes]:
 
 
 def _verdict_text(html: str) -> str:
-    """The text of the verdict section, tags removed."""
+    """The text of the verdict section, tags removed, entities unescaped."""
     section = html.split('<section id="verdict">')[1].split("</section>")[0]
-    return re.sub(r"<[^>]+>", " ", section)
+    return unescape(re.sub(r"<[^>]+>", " ", section))
 
 
 def test_study_report_has_every_section_and_embedded_figures(unstable_report: Path) -> None:
@@ -84,10 +85,14 @@ def test_tables_and_reproducibility_come_from_the_study(unstable_report: Path) -
         assert expected in repro
 
 
-def test_verdict_says_divergence_rises_when_it_does(unstable_report: Path) -> None:
+def test_a_single_step_in_divergence_is_no_clear_trend_under_the_rho_rule(
+        unstable_report: Path) -> None:
+    # divergence 0, 0, 0, 1 over ε = ∞, 8, 2, 0.5: the end CIs separate but Spearman
+    # rho = 3 / sqrt(15) = 0.77 < 0.8, so the trend rule does not call it (it used to "rise")
     text = _verdict_text(unstable_report.read_text())
-    assert ("K=4: divergence rate rises as ε decreases (more noise): 0 [0, 0] (n=3) at "
-            "∞ (no DP) → 1 [1, 1] (n=3) at ε=0.5") in text
+    assert ("K=4: divergence rate shows no clear trend as ε decreases (more noise): the end "
+            "points' 95% CIs separate (0 [0, 0] (n=3) at ∞ (no DP) vs 1 [1, 1] (n=3) at "
+            "ε=0.5) but |ρ| < 0.8 (Spearman ρ=+0.77 over 4 ε values)") in text
     assert "K=4: stability breaks at ε=2" in text  # volatility crosses 2x before divergence
     assert re.search(r"Divergence rate 1 \[1, 1\] \(n=3\) ≥ 0.5 from ε=0.5 \(σ 8; mean "
                      r"noise-to-signal 4\.\d+", text)
@@ -99,7 +104,7 @@ def test_verdict_does_not_claim_a_rise_when_divergence_is_flat(
     sentences = write_report(study).sentences
     divergence = [s for s in sentences if "divergence rate" in s and "ε decreases" in s]
     assert divergence == [
-        "K=8: divergence rate shows no clear change as ε decreases (more noise): the 95% CIs "
+        "K=8: divergence rate shows no clear trend as ε decreases (more noise): the 95% CIs "
         "0 [0, 0] (n=3) at ∞ (no DP) and 0 [0, 0] (n=3) at ε=1 overlap (Spearman "
         "ρ=undefined over 3 ε values)."]
     assert any(s.startswith("K=8: stable down to ε=1") for s in sentences)
@@ -110,7 +115,7 @@ def test_one_diverging_seed_of_three_is_no_clear_change(make_study: MakeStudy) -
                        diverging_seeds=1)
     sentences = write_report(study).sentences
     divergence = next(s for s in sentences if s.startswith("K=8: divergence rate"))
-    assert "shows no clear change" in divergence and "0.333 [0, 1] (n=3) at ε=1" in divergence
+    assert "shows no clear trend" in divergence and "0.333 [0, 1] (n=3) at ε=1" in divergence
 
 
 def test_comparison_figures_appear_only_when_the_study_varies_them(

@@ -56,13 +56,22 @@ def test_trend_sentence_carries_the_numbers() -> None:
     t = trend([INF, 2], [est(0.0), Estimate(1 / 3, 0.0, 1.0, 3)])  # 1 of 3 seeds diverged
     assert t.kind == "no_clear_change"
     sentence = trend_sentence("K=8", "diverged", "epsilon", t)
-    assert sentence == ("K=8: divergence rate shows no clear change as ε decreases (more "
+    assert sentence == ("K=8: divergence rate shows no clear trend as ε decreases (more "
                         "noise): the 95% CIs 0 [0, 0] (n=3) at ∞ (no DP) and 0.333 [0, 1] "
                         "(n=3) at ε=2 overlap (Spearman ρ=+1.00 over 2 ε values).")
     rising = trend_sentence("K=8", "diverged", "epsilon",
                             trend([INF, 2], [est(0.0), est(1.0)]))
     assert "divergence rate rises as ε decreases" in rising
     assert "0 [0, 0] (n=3) at ∞ (no DP) → 1 [1, 1] (n=3) at ε=2" in rising
+
+
+def test_separated_ends_with_a_weak_rank_correlation_are_no_clear_trend() -> None:
+    # 0, 1, 0, 0, 1: the ends' CIs separate but Spearman rho = 0.5 < 0.8
+    t = trend([INF, 8, 4, 2, 1], [est(v) for v in (0.0, 1.0, 0.0, 0.0, 1.0)])
+    assert t.kind == "no_clear_trend"
+    sentence = trend_sentence("K=8", "diverged", "epsilon", t)
+    assert sentence.startswith("K=8: divergence rate shows no clear trend as ε decreases")
+    assert "separate" in sentence and "|ρ| < 0.8" in sentence
 
 
 def test_estimate_text() -> None:
@@ -143,7 +152,7 @@ def test_study_verdict_follows_the_numbers() -> None:
     assert divergence[0].startswith("K=4: divergence rate rises as ε decreases")
     flat = study_verdicts(_grid({INF: 0.0, 8.0: 0.0, 1.0: 0.0}))
     divergence = next(v for v in flat if v.question == "Divergence").sentences
-    assert divergence[0].startswith("K=4: divergence rate shows no clear change as ε decreases")
+    assert divergence[0].startswith("K=4: divergence rate shows no clear trend as ε decreases")
     assert not any("rises" in s for s in divergence)
     breaks = next(v for v in rising if v.question == "Where stability breaks").sentences
     assert breaks[0].startswith("K=4: stability breaks at ε=1")

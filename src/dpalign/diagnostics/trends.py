@@ -4,11 +4,12 @@ sentences are made by :mod:`dpalign.report.verdict`). Their settings live in
 
 **Trend** (:func:`trend`): walk a series of :class:`Estimate` in its reading order (epsilon
 from no DP down to the smallest epsilon, i.e. more noise; K from few to many shots) and
-compare its two end points. The change is *clear* when both ends have at least ``min_seeds``
-seeds and their 95% bootstrap CIs do not overlap; then the metric "rises" or "falls" (or
-"changes non-monotonically" when Spearman's rho along the series has the other sign);
-otherwise there is "no clear change". Spearman's rho of the means against the position along
-the series is reported as the shape of the trend.
+compare its two end points. A trend is called only when both ends have at least ``min_seeds``
+seeds, their 95% bootstrap CIs do not overlap AND ``|Spearman rho| >= min_rho`` (default 0.8;
+rho of the means against the position along the series); then the metric "rises" or "falls"
+(or "changes non-monotonically" when rho has the other sign). Everything else is "no clear
+trend": ``no_clear_change`` when the CIs overlap, ``no_clear_trend`` when they separate but
+|rho| < ``min_rho`` (or rho is undefined).
 
 **Breakpoint** (:func:`find_breakpoint`): walking an epsilon series towards more noise,
 stability breaks at the first point where the divergence rate is ``>= divergence_rate``
@@ -48,6 +49,7 @@ class VerdictThresholds:
     divergence_rate: float = 0.5
     volatility_ratio: float = 2.0
     min_seeds: int = 2
+    min_rho: float = 0.8
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,8 @@ def intervals_overlap(a: Estimate, b: Estimate) -> bool:
 @dataclass(frozen=True)
 class Trend:
     """How a metric moves along a series: ``kind`` is one of ``rises``, ``falls``,
-    ``non_monotone``, ``no_clear_change``, ``too_few_seeds``, ``too_few_points``; ``start``
+    ``non_monotone``, ``no_clear_change`` (end CIs overlap), ``no_clear_trend`` (end CIs
+    separate but |rho| < ``min_rho``), ``too_few_seeds``, ``too_few_points``; ``start``
     and ``end`` are the end points (coordinate, estimate); ``rho`` is Spearman's rho."""
 
     kind: str
@@ -108,6 +111,8 @@ def trend(xs: Sequence[float], estimates: Sequence[Estimate],
         kind = "too_few_seeds"
     elif intervals_overlap(start[1], end[1]):
         kind = "no_clear_change"
+    elif math.isnan(rho) or abs(rho) < thresholds.min_rho:
+        kind = "no_clear_trend"
     else:
         sign = 1.0 if end[1].mean > start[1].mean else -1.0
         kind = ("non_monotone" if not math.isnan(rho) and rho * sign <= 0

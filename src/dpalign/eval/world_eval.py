@@ -30,13 +30,14 @@ class EvalSettings:
     batch_size: int = 64
     max_new_tokens: int = 40
     limit: int | None = None  # at most this many images per part (quick checks)
+    splits: tuple[str, ...] = POPE_SPLITS  # the POPE splits answered
 
 
 def _pope(model: PreTrainedModel, processor: ProcessorMixin, world: World,
           settings: EvalSettings) -> dict[str, dict[str, float | int]]:
-    questions = {s: read_pope_questions(world.pope_file(s)) for s in POPE_SPLITS}
+    questions = {s: read_pope_questions(world.pope_file(s)) for s in settings.splits}
     if settings.limit is not None:
-        images = sorted({q.image for q in questions["random"]})[: settings.limit]
+        images = sorted({q.image for qs in questions.values() for q in qs})[: settings.limit]
         questions = {s: [q for q in qs if q.image in images] for s, qs in questions.items()}
     keys = sorted({(q.image, q.text) for qs in questions.values() for q in qs})
     answers = generate(model, processor, [world.pope_images / img for img, _ in keys],

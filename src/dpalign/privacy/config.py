@@ -17,7 +17,9 @@ class PrivacyConfig(Section):
     Give ``noise_multiplier`` (sigma) or ``target_epsilon``; with a target, sigma is
     calibrated for the planned steps and sample rate before training, and training stops
     before the accountant's epsilon would exceed it. The expected batch is
-    ``train.batch_size`` units, so the sample rate is batch_size / units.
+    ``train.batch_size`` units, so the sample rate is batch_size / units. ``clipping``
+    chooses the rule (``dpalign.privacy.clipping``): fixed C, adaptive C_t (its noisy count
+    shares sigma with the gradient, so the accounting is unchanged) or automatic.
     """
 
     enabled: bool = False
@@ -34,6 +36,16 @@ class PrivacyConfig(Section):
                                                   "(not reproducible: for deployment)")
     noise_seed: int = 0
     account_every: int = Field(10, ge=1, description="log epsilon every N steps")
+    clipping: Literal["fixed", "adaptive", "automatic"] = Field(
+        "fixed", description="fixed C; adaptive C_t tracking a norm quantile (Andrew et al. "
+                             "2021); automatic g C / (||g|| + auto_gamma) (Bu et al. 2023)")
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="adaptive: the quantile "
+                                                                "gamma of unit norms C tracks")
+    clip_lr: float = Field(0.2, gt=0, description="adaptive: eta_C of the geometric update")
+    count_noise: float | None = Field(
+        None, gt=0, description="adaptive: sigma_b of the unclipped count (None: expected "
+                                "batch / 20); needs 2 sigma_b > sigma")
+    auto_gamma: float = Field(0.01, gt=0, description="automatic: gamma in C / (||g|| + gamma)")
     label_epsilon: float | None = Field(
         None, gt=0, description="randomized response on each pair's label (label-level DP, "
                                 "applied once with data.seed); pair it with loss robust")
@@ -51,4 +63,14 @@ class PrivacyConfig(Section):
             raise ValueError("give privacy.noise_multiplier (a fixed sigma), "
                              "privacy.target_epsilon (sigma calibrated to it), or both (a "
                              "fixed sigma, training stopped before the target is exceeded)")
+        if self.clipping != "fixed" and self.max_grad_norm == float("inf"):
+            raise ValueError(f"privacy.clipping={self.clipping} needs a finite "
+                             "privacy.max_grad_norm")
+        sigma, count = self.noise_multiplier, self.count_noise
+        if (self.clipping == "adaptive" and sigma and count is not None
+                and not 2 * count > sigma):
+            raise ValueError(f"privacy.clipping=adaptive needs 2 * privacy.count_noise "
+                             f"({2 * count:g}) > privacy.noise_multiplier ({sigma:g}): the "
+                             "gradient's noise multiplier (sigma^-2 - (2 count_noise)^-2)^-1/2 "
+                             "does not exist otherwise")
         return self

@@ -68,7 +68,7 @@ def clip_margin(per_unit_grads: Grads) -> float:
     the unit roundoff of the widest gradient dtype (one rounding of each scaled element) and
     (P + 2) u64 bounds the relative error of a float64 norm over P elements in any order."""
     u = max(torch.finfo(g.dtype).eps for g in per_unit_grads.values()) / 2
-    params = sum(g[0].numel() for g in per_unit_grads.values())
+    params = sum(g.shape[1:].numel() for g in per_unit_grads.values())
     return 2 * u + (params + 2) * torch.finfo(torch.float64).eps / 2
 
 
@@ -97,12 +97,22 @@ def clip_per_unit(per_unit_grads: Grads, max_norm: float) -> tuple[dict[str, Ten
     margin = clip_margin(per_unit_grads)
     factor = torch.where(norms > max_norm, max_norm / norms * (1 - margin),
                          torch.ones_like(norms))
+    return scale_within(per_unit_grads, factor, max_norm, margin), norms
+
+
+def scale_within(per_unit_grads: Grads, factor: Tensor, max_norm: float,
+                 margin: float) -> dict[str, Tensor]:
+    """Each unit ``{name: (U, *shape)}`` times ``factor`` (U,) float64 (``_scaled``), then
+    the guard of ``clip_per_unit``: the scaled norms are measured again in float64 and any
+    unit still above C is scaled down by (C / norm)(1 - 2 ``margin``), at most three times;
+    a unit that cannot be brought under C raises instead of leaking sensitivity. Shared by
+    every clipping rule (``dpalign.privacy.clipping``) so all keep one bound."""
     clipped = _scaled(per_unit_grads, factor)
     for _ in range(3):
         after = per_unit_norms(clipped)
         over = after > max_norm
         if not bool(over.any()):
-            return clipped, norms
+            return clipped
         factor = torch.where(over, factor * (max_norm / after) * (1 - 2 * margin), factor)
         clipped = _scaled(per_unit_grads, factor)
     raise RuntimeError(f"could not clip {int(over.sum())} unit(s) to C={max_norm}: "

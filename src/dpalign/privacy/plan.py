@@ -26,6 +26,12 @@ from dpalign.privacy.accounting import (
     calibrate_sigma,
     steps_within_budget,
 )
+from dpalign.privacy.clipping import (
+    CLIPPING,
+    default_count_noise,
+    noisy_unclipped_fraction,
+    split_sigma,
+)
 from dpalign.privacy.config import PrivacyConfig
 from dpalign.privacy.dp_sgd import noise_generator, noisy_mean
 from dpalign.privacy.sampling import poisson_batch, shuffled_batch
@@ -38,13 +44,25 @@ SECURE_NOTICE = "noise seeded from OS entropy (privacy.secure_noise): not reprod
 @dataclass(frozen=True)
 class PrivacyPlan:
     """sigma, the sample rate q = B / units, the expected batch B and how many steps the
-    target epsilon allows (``budget_steps``; the planned steps when there is no target)."""
+    target epsilon allows (``budget_steps``; the planned steps when there is no target).
+
+    sigma is what the ledger records. With adaptive clipping the step spends it on two
+    releases (``dpalign.privacy.clipping``): the gradient sum with ``grad_sigma`` and the
+    unclipped count with ``count_sigma`` (sigma^-2 = grad_sigma^-2 + (2 count_sigma)^-2);
+    otherwise ``grad_sigma`` is sigma and ``count_sigma`` None (None: grad_sigma = sigma)."""
 
     sigma: float
     sample_rate: float
     expected_batch: float
     n_units: int
     budget_steps: int
+    grad_sigma: float | None = None
+    count_sigma: float | None = None
+
+    @property
+    def gradient_sigma(self) -> float:
+        """The noise multiplier of the gradient sum."""
+        return self.sigma if self.grad_sigma is None else self.grad_sigma
 
     def entry(self, cfg: PrivacyConfig) -> LedgerEntry:
         """The ledger entry of one step of this plan."""
@@ -67,6 +85,8 @@ class PrivacyPlan:
                 "max_grad_norm": cfg.max_grad_norm, "delta": cfg.delta,
                 "target_epsilon": cfg.target_epsilon, "accountant": cfg.accountant,
                 "sampling": cfg.sampling, "engine": cfg.engine,
+                "clipping": cfg.clipping, "grad_sigma": self.gradient_sigma,
+                "count_sigma": self.count_sigma,
                 "noise": SECURE_NOTICE if cfg.secure_noise else SEEDED_NOTICE}
 
 
@@ -95,6 +115,22 @@ def plan_privacy(cfg: PrivacyConfig, n_units: int, batch_size: int, steps: int) 
         cfg.target_epsilon, cfg.delta, q, steps, cfg.accountant,  # type: ignore[arg-type]
         sampling=cfg.sampling, n=n_units if cfg.sampling == "shuffle" else None))
     plan = PrivacyPlan(sigma, q, float(batch_size), n_units, steps)
+    if CLIPPING[cfg.clipping].adapts:
+        count = (cfg.count_noise if cfg.count_noise is not None
+                 else default_count_noise(float(batch_size)))
+        try:
+            grad_sigma = split_sigma(sigma, count)
+        except ValueError as err:
+            given = ("privacy.noise_multiplier" if cfg.noise_multiplier is not None else
+                     f"sigma calibrated to privacy.target_epsilon={cfg.target_epsilon}")
+            source = ("privacy.count_noise" if cfg.count_noise is not None else
+                      f"the default expected batch / 20 = {batch_size}/20")
+            raise ValueError(
+                f"privacy.clipping=adaptive: {err} ({given}; sigma_b from {source}), so the "
+                "gradient's noise multiplier (sigma^-2 - (2 sigma_b)^-2)^-1/2 does not exist; "
+                "raise privacy.count_noise above sigma / 2, or lower sigma (a larger "
+                "privacy.target_epsilon or smaller privacy.noise_multiplier)") from None
+        plan = dataclasses.replace(plan, grad_sigma=grad_sigma, count_sigma=count)
     if cfg.target_epsilon is None:
         return plan
     budget = steps_within_budget(Ledger(), plan.entry(cfg), cfg.target_epsilon, cfg.delta,
@@ -102,9 +138,15 @@ def plan_privacy(cfg: PrivacyConfig, n_units: int, batch_size: int, steps: int) 
     return dataclasses.replace(plan, budget_steps=budget)
 
 
-def step_seed(noise_seed: int, step: int) -> int:
-    """The noise generator's seed of step ``step``: a function of (noise seed, step)."""
-    return int(np.random.SeedSequence([noise_seed, step]).generate_state(1, np.uint64)[0] >> 1)
+COUNT_STREAM = 1  # ``step_seed``'s stream of the adaptive-clipping count noise
+
+
+def step_seed(noise_seed: int, step: int, stream: int = 0) -> int:
+    """The noise generator's seed of step ``step``: a function of (noise seed, step).
+    ``stream`` > 0 names another independent stream of the same step (``COUNT_STREAM``);
+    stream 0 (the gradient noise) is the seed it always was."""
+    entropy = [noise_seed, step] if stream == 0 else [noise_seed, step, stream]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -127,23 +169,44 @@ def all_reduce_units(clipped: dict[str, torch.Tensor], norms: torch.Tensor
     return summed, torch.tensor([x for part in gathered for x in part], dtype=norms.dtype)
 
 
+def _step_generator(cfg: PrivacyConfig, step: int, stream: int = 0) -> torch.Generator:
+    return (noise_generator(None, secure=True) if cfg.secure_noise
+            else noise_generator(step_seed(cfg.noise_seed, step, stream)))
+
+
 def noisy_once(clipped: dict[str, torch.Tensor], plan: PrivacyPlan, cfg: PrivacyConfig,
-               step: int) -> dict[str, torch.Tensor]:
-    """The noisy mean ``{name: shape}`` of clipped units ``{name: (U, *shape)}``; with
+               step: int, max_norm: float | None = None) -> dict[str, torch.Tensor]:
+    """The noisy mean ``{name: shape}`` of clipped units ``{name: (U, *shape)}``, noise
+    N(0, (grad_sigma C)^2) with C = ``max_norm`` (default ``privacy.max_grad_norm``); with
     several ranks, rank 0 draws the noise once and broadcasts the result, so every rank
     applies the same update (also with secure, unseeded noise)."""
     rank, world = rank_and_world()
     if rank == 0:
-        generator = (noise_generator(None, secure=True) if cfg.secure_noise
-                     else noise_generator(step_seed(cfg.noise_seed, step)))
-        noisy = noisy_mean(clipped, plan.sigma, cfg.max_grad_norm, plan.expected_batch,
-                           generator)
+        noisy = noisy_mean(clipped, plan.gradient_sigma,
+                           cfg.max_grad_norm if max_norm is None else max_norm,
+                           plan.expected_batch, _step_generator(cfg, step))
     else:
         noisy = {k: torch.empty_like(g[0]) for k, g in clipped.items()}
     if world > 1:
         for name in sorted(noisy):
             dist.broadcast(noisy[name], src=0)
     return noisy
+
+
+def noisy_count_once(norms: torch.Tensor, clip_norm: float, plan: PrivacyPlan,
+                     cfg: PrivacyConfig, step: int) -> float:
+    """Adaptive clipping's noisy unclipped fraction b_t of the (global) pre-clip norms (U,)
+    at C_t = ``clip_norm``, its noise from the step's ``COUNT_STREAM`` generator (not the
+    gradient's); rank 0 draws it and broadcasts, so every rank holds the same C_{t+1}."""
+    rank, world = rank_and_world()
+    value = torch.zeros(1, dtype=torch.float64)
+    if rank == 0:
+        value[0] = noisy_unclipped_fraction(norms, clip_norm, plan.count_sigma or 0.0,
+                                            plan.expected_batch,
+                                            _step_generator(cfg, step, COUNT_STREAM))
+    if world > 1:
+        dist.broadcast(value, src=0)
+    return float(value[0])
 
 
 def spent_epsilon(ledger: Ledger, cfg: PrivacyConfig) -> float:

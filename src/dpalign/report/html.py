@@ -41,6 +41,12 @@ class Page:
     figure_dir: str = "figures"
     notes: Sequence[str] = field(default_factory=tuple)
     glance: Table | None = None
+    answer: Sequence[str] = field(default_factory=tuple)
+    """The opening answer (a few sentences), shown first."""
+    recommendation: Table | None = None
+    """The recommendation table, shown right after the answer."""
+    fold_verdicts: bool = False
+    """Fold the per-metric verdict sentences into a ``<details>`` block."""
 
 
 _TEMPLATE = """<!doctype html>
@@ -69,6 +75,8 @@ tr:nth-child(even) td { background: #fafbfc; }
 table.glance td { text-align: center; } table.glance th { cursor: default; }
 table.glance td:first-child { text-align: left; }
 td.rises, td.falls, td.non_monotone { font-weight: 600; }
+p.answer { font-size: 16px; background: #eef6ee; padding: .6rem 1rem; border-radius: 6px; }
+details { margin: 1rem 0; } summary { cursor: pointer; font-weight: 600; }
 pre { background: #f6f8fa; padding: .75rem; overflow-x: auto; font-size: 13px; }
 dl { display: grid; grid-template-columns: max-content auto; gap: .1rem 1rem; }
 dt { font-weight: 600; } dd { margin: 0; font-family: ui-monospace, monospace; }
@@ -84,6 +92,20 @@ dt { font-weight: 600; } dd { margin: 0; font-family: ui-monospace, monospace; }
 
 <section id="verdict">
 <h2>The answer</h2>
+{% if page.answer %}
+<p class="answer" id="answer">{{ page.answer | join(" ") }}</p>
+{% endif %}
+{% if page.recommendation %}
+{% set table = page.recommendation %}
+<h3 id="table-{{ table.id }}">{{ table.title }}</h3>
+<p>{{ table.caption }}</p>
+<div class="scroll"><table class="sortable" id="{{ table.id }}">
+<thead><tr>{% for h in table.headers %}<th>{{ h }}</th>{% endfor %}</tr></thead>
+<tbody>{% for row in table.rows %}
+<tr>{% for c in row %}<td data-sort="{{ c.sort }}">{{ c.text }}</td>{% endfor %}</tr>
+{% endfor %}</tbody>
+</table></div>
+{% endif %}
 {% for note in page.notes %}<p>{{ note }}</p>{% endfor %}
 {% if page.glance %}
 <h3>{{ page.glance.title }}</h3>
@@ -95,10 +117,13 @@ dt { font-weight: 600; } dd { margin: 0; font-family: ui-monospace, monospace; }
 {% endfor %}</tbody>
 </table>
 {% endif %}
+{% if page.fold_verdicts %}<details id="per-metric">
+<summary>Per-metric sentences: every trend and breakpoint, with its numbers</summary>{% endif %}
 {% for verdict in page.verdicts %}
 <h3>{{ verdict.question }}</h3>
 <ul>{% for sentence in verdict.sentences %}<li>{{ sentence }}</li>{% endfor %}</ul>
 {% endfor %}
+{% if page.fold_verdicts %}</details>{% endif %}
 <div class="rules"><strong>How these sentences are decided</strong>
 <ul>{% for rule in page.rules %}<li>{{ rule }}</li>{% endfor %}</ul></div>
 </section>

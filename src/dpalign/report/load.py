@@ -1,8 +1,10 @@
 """Read what a report needs from a study directory or a single run directory.
 
 A study directory holds ``study.json``, ``runs.parquet``, ``points.parquet`` (recomputed
-from ``runs.parquet`` with :func:`dpalign.study.store.points_table` when absent) and
-``runs/<run>/``; a run directory holds ``metrics.jsonl`` (plus ``config.yaml``,
+from ``runs.parquet`` with :func:`dpalign.study.store.points_table` when absent),
+``runs/<run>/`` and optionally ``base.json`` (the untrained base model's figures under the
+final-eval keys without ``final_``, e.g. ``pope_adversarial_accuracy``, ``chair_s``,
+``recall``); a run directory holds ``metrics.jsonl`` (plus ``config.yaml``,
 ``env.json``, ``eval.jsonl``, ``privacy.json``, ``result.json`` when written).
 """
 
@@ -18,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from dpalign.rundir import RunDir, RunDirError, StudyDir, read_log
+from dpalign.study.analysis import TuneSettings
 from dpalign.study.store import points_table
 
 __all__ = [
@@ -35,14 +38,22 @@ class ReportInputError(ValueError):
 
 @dataclass(frozen=True)
 class StudyInput:
-    """A study: its metadata (``study.json``), run and point tables, and per-run step logs
-    (``logs[run]``: a frame indexed by step; runs without ``metrics.jsonl`` are absent)."""
+    """A study: its metadata (``study.json``), run and point tables, per-run step logs
+    (``logs[run]``: a frame indexed by step; runs without ``metrics.jsonl`` are absent) and
+    the base model's figures (``base.json``; empty when absent)."""
 
     path: Path
     meta: Mapping[str, Any]
     runs: pd.DataFrame
     points: pd.DataFrame
     logs: Mapping[str, pd.DataFrame] = field(default_factory=dict)
+    base: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def tune(self) -> TuneSettings:
+        """``config.tune`` of ``study.json`` (its defaults when missing)."""
+        config = self.meta.get("config")
+        return TuneSettings.from_config(config if isinstance(config, Mapping) else None)
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,17 @@ def _read_parquet(path: Path) -> pd.DataFrame:
         raise ReportInputError(f"{path}: cannot read ({exc})") from exc
 
 
+BASE_FILE = "base.json"
+
+
+def _base_figures(data: Any) -> dict[str, Any]:
+    """``base.json``'s figures: its top-level entries that are not objects (the cache
+    ``key`` and other nested records are left out)."""
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if not isinstance(v, dict | list)}
+
+
 def load_study(path: Path) -> StudyInput:
     """A study directory (see the module docstring)."""
     study = StudyDir(path)
@@ -107,7 +129,8 @@ def load_study(path: Path) -> StudyInput:
     points_file = study.points_table
     points = _read_parquet(points_file) if points_file.exists() else points_table(runs)
     meta = _read_json(study.meta) or {}
-    return StudyInput(path, meta, runs, points, _load_logs(path, runs))
+    return StudyInput(path, meta, runs, points, _load_logs(path, runs),
+                      _base_figures(_read_json(path / BASE_FILE)))
 
 
 def load_run(path: Path) -> RunInput:

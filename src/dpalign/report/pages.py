@@ -12,6 +12,7 @@ import yaml
 
 from dpalign.diagnostics import Thresholds, diagnose_run_dir
 from dpalign.diagnostics.trends import VerdictThresholds
+from dpalign.report.answer import answer_rules, answer_sentences, recommendation_table
 from dpalign.report.fmt import format_number
 from dpalign.report.html import Block, Page
 from dpalign.report.load import ReportInputError, RunInput, StudyInput
@@ -32,10 +33,12 @@ from dpalign.report.verdict import (
     Verdict,
     describe_rules,
     glance,
+    run_finding_rules,
     run_summary,
     study_verdicts,
 )
 from dpalign.rundir import RunDir, RunDirError
+from dpalign.study.analysis import recommendations
 
 __all__ = ["PAGES", "build_page", "run_page", "study_page"]
 
@@ -83,9 +86,15 @@ def _study_blocks(study: StudyInput) -> list[Block]:
              "seeds": ", ".join(map(str, _seeds(study))) or None,
              "runs": f"{len(study.runs)} ({failed} failed)"}
     config = meta.get("config")
+    tune = study.tune
+    facts |= {"tuned on": f"{tune.metric} ({tune.split} validation split)",
+              "fixed settings": json.dumps(dict(tune.fixed)) if tune.fixed else
+              "first value of every axis"}
     return [
         Block("Command", shlex.join(map(str, command)) if command else NOT_RECORDED),
         Block("Study", pairs=_pairs(facts)),
+        Block("Base model (base.json)",
+              pairs=_pairs(study.base) or (("base.json", NOT_RECORDED),)),
         Block("Machine", pairs=_pairs(meta.get("machine")) or (("machine", NOT_RECORDED),)),
         Block("Package versions",
               pairs=_pairs(meta.get("versions")) or (("versions", NOT_RECORDED),)),
@@ -116,24 +125,33 @@ def glance_table(cells: list[Cell], thresholds: VerdictThresholds = VERDICT_DEFA
     body = tuple((TableCell(name, ""), *(TableCell(w, kinds[w]) for w in words))
                  for name, words in rows)
     return Table("glance", "At a glance: the trend as ε decreases (more noise)",
-                 "Clear = the 95% CIs at no DP (or the least-private ε) and at the smallest ε "
-                 "do not overlap; the sentences below give the numbers.",
+                 f"A trend is called only when the 95% CIs at no DP (or the least-private ε) "
+                 f"and at the smallest ε do not overlap and |Spearman ρ| ≥ "
+                 f"{thresholds.min_rho:g}; the folded sentences below give the numbers.",
                  ("metric", *labels), body)
 
 
 def study_page(study: StudyInput,
                thresholds: VerdictThresholds = VERDICT_DEFAULTS) -> Page:
-    """The report page of a study directory."""
+    """The report page of a study directory: the answer (at most six sentences) and the
+    recommendation table first, then the at-a-glance trends, the per-metric sentences
+    (folded), the rules, figures, tables and reproducibility."""
     cells = cells_from_tables(study.points, study.runs)
     name = study.meta.get("name", study.path.name)
+    recs = recommendations(study.runs, study.tune, study.base)
     return Page(
         title=f"dpalign study report: {name}",
         subtitle=_study_subtitle(study),
+        answer=answer_sentences(recs, study.runs, tune=study.tune, base=study.base,
+                                thresholds=thresholds),
+        recommendation=recommendation_table(recs, study.base),
+        fold_verdicts=True,
         notes=("What does DP noise do to convergence stability in few-shot image-text "
-               "alignment? Each sentence below is generated from the grid's numbers.",),
+               "alignment? The answer above and every sentence below are generated from the "
+               "grid's numbers.",),
         glance=glance_table(cells, thresholds),
         verdicts=study_verdicts(cells, thresholds),
-        rules=[*describe_rules(thresholds), diagnostic_rules()],
+        rules=[*answer_rules(study.tune), *describe_rules(thresholds), diagnostic_rules()],
         figures=study_figures(study, cells),
         tables=[points_table(cells), runs_table(study.runs)],
         reproducibility=_study_blocks(study),
@@ -177,15 +195,24 @@ def _run_blocks(run: RunInput) -> list[Block]:
     return blocks
 
 
+_RUN_FINDINGS = ("moved", "loss_start", "loss_end", "collapsed", "heldout_drop",
+                 "heldout_best_step", "val_drop", "silenced", "pope_one_way", "recall_ratio",
+                 "recall_collapsed")
+"""The diagnostics behind the run's findings, shown first in its diagnostics table."""
+
+
 def run_page(run: RunInput, thresholds: VerdictThresholds = VERDICT_DEFAULTS) -> Page:
-    """The report page of a single run directory: summary, curves, metrics tables."""
+    """The report page of a single run directory: summary (its findings first: did not
+    move, over-optimised, silenced), curves, metrics tables."""
     try:
         diagnostics = diagnose_run_dir(run.path).as_dict()
     except RunDirError as exc:
         raise ReportInputError(str(exc)) from exc
+    first = {k: diagnostics[k] for k in _RUN_FINDINGS if k in diagnostics}
     tables = [key_value_table("diagnostics", "Run diagnostics",
-                              "Stability summary and final/best evaluation values.",
-                              diagnostics)]
+                              "Findings (did it move, over-optimise, answer one way), then "
+                              "the stability summary and final/best/step-0 evaluation values.",
+                              first | diagnostics)]
     if run.evals:
         tables.append(records_table("evals", "Evaluations",
                                     "One row per evaluation step (eval.jsonl).", run.evals))
@@ -193,7 +220,7 @@ def run_page(run: RunInput, thresholds: VerdictThresholds = VERDICT_DEFAULTS) ->
         title=f"dpalign run report: {run.path.name}",
         subtitle=f"{len(run.metrics)} logged steps, {len(run.evals)} evaluations — {run.path}",
         verdicts=[Verdict("Summary", tuple(run_summary(diagnostics)))],
-        rules=[diagnostic_rules()],
+        rules=[run_finding_rules(), diagnostic_rules()],
         figures=run_figures(run),
         tables=tables,
         reproducibility=_run_blocks(run),

@@ -9,7 +9,7 @@ what the figure shows (e.g. no DP runs, a single mechanism).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -44,6 +44,7 @@ from dpalign.report.series import (
     epsilon_series,
     ok_runs,
 )
+from dpalign.study.analysis import CHANCE
 
 __all__ = ["STUDY_FIGURES", "dp_signals", "privacy_utility", "stability_vs_epsilon",
            "study_figures", "training_curves"]
@@ -83,8 +84,11 @@ def _varying_field(series: Sequence[Series], skip: str) -> str | None:
 
 
 def _metric_panels(series: Sequence[Series], keys: Sequence[str],
-                   style: Callable[[Series], dict[str, object]]) -> Figure:
-    """One panel per metric in ``keys``, each series a line over epsilon with CI bars."""
+                   style: Callable[[Series], dict[str, object]],
+                   references: Mapping[str, tuple[float, str]] | None = None) -> Figure:
+    """One panel per metric in ``keys``, each series a line over epsilon with CI bars;
+    ``references[key] = (value, label)`` draws a dotted horizontal reference line (the base
+    model's figure, chance)."""
     ncols = min(2, len(keys))
     fig, axes = new_figure(math.ceil(len(keys) / ncols), ncols)
     scale = epsilon_scale(c.epsilon for s in series for c in s.cells)
@@ -94,6 +98,9 @@ def _metric_panels(series: Sequence[Series], keys: Sequence[str],
                  for i, s in enumerate(series)]
         scale.apply(ax)
         metric = METRICS[key]
+        if references and key in references:
+            value, label = references[key]
+            ax.axhline(value, color="0.3", linestyle=":", linewidth=1.2, label=label)
         ax.set_title(metric.label[0].upper() + metric.label[1:])
         ax.set_ylabel(metric.unit)
         ax.grid(alpha=0.3)
@@ -208,8 +215,10 @@ def stability_vs_epsilon(study: StudyInput, cells: Sequence[Cell]) -> FigureOut 
     return FigureOut("stability", "Stability vs privacy budget",
                      "Divergence rate, loss volatility, steps to reach the target held-out "
                      "reward accuracy and final reward accuracy against ε: marker = mean over "
-                     "seeds, bar = 95% bootstrap CI; one line per K.",
-                     to_png(_metric_panels(series, _STABILITY, style)))
+                     "seeds, bar = 95% bootstrap CI; one line per K; dotted: chance (0.5), "
+                     "what the base model's all-tie pairs amount to.",
+                     to_png(_metric_panels(series, _STABILITY, style, {
+                         "final_heldout_reward_accuracy": (CHANCE, "chance (base model)")})))
 
 
 def privacy_utility(study: StudyInput, cells: Sequence[Cell]) -> FigureOut | None:
@@ -219,10 +228,16 @@ def privacy_utility(study: StudyInput, cells: Sequence[Cell]) -> FigureOut | Non
     if not any(c.get(k).measured for c in cells for k in keys):
         return None
     style = _styler(series, "k", _varying_field(series, "k"))
+    references = {key: (float(study.base[name]), "base model (untrained)")
+                  for key, name in zip(keys, ("pope_adversarial_accuracy", "chair_s"),
+                                       strict=True)
+                  if isinstance(study.base.get(name), int | float)}
     return FigureOut("frontier", "Privacy-utility frontier (hallucination)",
                      "Final POPE-adversarial accuracy (higher is better) and CHAIR_s (lower is "
-                     "better) against ε; mean and 95% CI over seeds, one line per K.",
-                     to_png(_metric_panels(series, keys, style)))
+                     "better) against ε; mean and 95% CI over seeds, one line per K"
+                     + ("; dotted: the untrained base model (base.json)." if references
+                        else "."),
+                     to_png(_metric_panels(series, keys, style, references)))
 
 
 def _smooth(values: pd.Series) -> pd.Series:

@@ -14,8 +14,8 @@ from dpalign.diagnostics.trends import Estimate
 from dpalign.report.fmt import NO_DP, format_number, is_number
 from dpalign.report.series import MECHANISM_NAMES, METRICS, Cell
 
-__all__ = ["Table", "TableCell", "key_value_table", "points_table", "records_table",
-           "runs_table"]
+__all__ = ["SETTINGS", "Table", "TableCell", "key_value_table", "points_table",
+           "records_table", "runs_table"]
 
 
 @dataclass(frozen=True)
@@ -69,13 +69,24 @@ def _epsilon_cell(epsilon: Any) -> TableCell:
     return cell(epsilon, NO_DP if infinite else None)
 
 
-_POINT_FIELDS: tuple[tuple[str, Callable[[Cell], TableCell]], ...] = (
+SETTINGS: tuple[tuple[str, str], ...] = (
+    ("lr", "lr"), ("optimizer", "optimizer"), ("batch", "batch_size"),
+    ("sample rate", "sample_rate"), ("steps planned", "steps"),
+    ("max grad norm", "max_grad_norm"), ("clipping", "clipping"), ("LoRA r", "lora_r"),
+)
+"""(header, column) of each run's effective settings (``dpalign.study.grid.EFFECTIVE``, what
+it trained with after the base config, the mechanism's overrides and the grid) in
+``runs.parquet`` / ``points.parquet``; older studies lack them and show none (``lr`` there
+is the grid's value, ``—`` when the grid did not set one)."""
+
+_POINT_COORDINATES: tuple[tuple[str, Callable[[Cell], TableCell]], ...] = (
     ("point", lambda c: cell(c.point)),
     ("mechanism", lambda c: cell(MECHANISM_NAMES.get(c.mechanism, c.mechanism))),
     ("ε target", lambda c: _epsilon_cell(c.epsilon)),
     ("K", lambda c: cell(c.k)),
     ("loss", lambda c: cell(c.loss)),
-    ("lr", lambda c: cell(c.lr, "base" if c.lr is None else None)),
+)
+_POINT_COUNTS: tuple[tuple[str, Callable[[Cell], TableCell]], ...] = (
     ("runs", lambda c: cell(c.n_runs)),
     ("failed", lambda c: cell(c.n_failed)),
 )
@@ -85,22 +96,49 @@ _POINT_METRICS = ("diverged", "converged", "loss_volatility", "steps_to_target",
                   "epsilon", "kl_final")
 
 
-def points_table(cells: Sequence[Cell]) -> Table:
-    """One row per grid point: coordinates, counts and mean [95% CI] per metric."""
+def _point_settings(cells: Sequence[Cell], points: pd.DataFrame | None
+                    ) -> tuple[list[str], list[tuple[TableCell, ...]]]:
+    """Headers and, per cell, the effective-setting cells of :data:`SETTINGS` that
+    ``points`` (the study's ``points.parquet``, one row per ``point``) has; without it only
+    ``lr``, from the cell (``—`` where the grid did not set one: never a made-up "base")."""
+    if points is None or "point" not in points:
+        return ["lr"], [(cell(c.lr),) for c in cells]
+    present = [(h, col) for h, col in SETTINGS if col in points]
+    if "lr" not in points:
+        present.insert(0, ("lr", ""))
+    by_point = {str(r["point"]): r for r in points.to_dict(orient="records")}
+    rows = []
+    for c in cells:
+        record = by_point.get(c.point, {})
+        rows.append(tuple(cell(c.lr) if col == "" else cell(_python(record.get(col)))
+                          for _, col in present))
+    return [h for h, _ in present], rows
+
+
+def points_table(cells: Sequence[Cell], points: pd.DataFrame | None = None) -> Table:
+    """One row per grid point: coordinates, effective settings (from ``points``, the study's
+    ``points.parquet``, when given; see :data:`SETTINGS`), counts and mean [95% CI] per
+    metric."""
     keys = [k for k in _POINT_METRICS if any(c.get(k).measured for c in cells)]
-    headers = [name for name, _ in _POINT_FIELDS] + [METRICS[k].label for k in keys]
-    rows = tuple(tuple(make(c) for _, make in _POINT_FIELDS)
-                 + tuple(_estimate_cell(c.get(k)) for k in keys) for c in cells)
+    setting_headers, setting_cells = _point_settings(cells, points)
+    headers = ([name for name, _ in _POINT_COORDINATES] + setting_headers
+               + [name for name, _ in _POINT_COUNTS] + [METRICS[k].label for k in keys])
+    rows = tuple(tuple(make(c) for _, make in _POINT_COORDINATES) + settings
+                 + tuple(make(c) for _, make in _POINT_COUNTS)
+                 + tuple(_estimate_cell(c.get(k)) for k in keys)
+                 for c, settings in zip(cells, setting_cells, strict=True))
     return Table("points", "Grid points",
-                 "Mean [95% bootstrap CI] over the finished seeds of each grid point. "
-                 "Click a header to sort.", tuple(headers), rows)
+                 "Effective settings (— where not recorded), then mean [95% bootstrap CI] "
+                 "over the finished seeds of each grid point. Click a header to sort.",
+                 tuple(headers), rows)
 
 
 _RUN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("run", "run"), ("status", "status"), ("mechanism", "mechanism"),
     ("ε target", "epsilon_target"), ("K", "k"), ("seed", "seed"), ("loss", "loss"),
-    ("lr", "lr"), ("σ", "sigma"), ("ε spent", "epsilon"), ("steps", "n_steps"),
+    *SETTINGS, ("σ", "sigma"), ("ε spent", "epsilon"), ("steps run", "n_steps"),
     ("diverged", "diverged"), ("diverged at", "diverged_step"), ("why", "diverged_reason"),
+    ("moved", "moved"), ("over-optimised", "collapsed"), ("silenced", "silenced"),
     ("loss volatility", "loss_volatility"), ("steps to target", "steps_to_target"),
     ("clip fraction", "mean_clip_fraction"), ("noise/signal", "mean_noise_to_signal"),
     ("KL final", "kl_final"), ("reward acc.", "final_heldout_reward_accuracy"),
@@ -127,8 +165,10 @@ def runs_table(runs: pd.DataFrame) -> Table:
     rows = tuple(
         tuple(_CELL_MAKERS.get(column, cell)(_python(record[column])) for _, column in present)
         for record in runs.to_dict(orient="records"))
-    return Table("runs", "Runs", "One row per run (grid point and seed); ε spent is inf for "
-                 "non-private runs. Click a header to sort.",
+    return Table("runs", "Runs", "One row per run (grid point and seed), with the settings "
+                 "it trained with (after the base config, the mechanism's overrides and the "
+                 "grid; — where not recorded); ε spent is inf for non-private runs. Click a "
+                 "header to sort.",
                  tuple(h for h, _ in present), rows)
 
 

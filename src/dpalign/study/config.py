@@ -14,6 +14,8 @@ grid:
   seed: [0, 1, 2]
   loss: [dpo]
   lr: [null]                 # null = base optim.lr (or the mechanism's override)
+  privacy.max_grad_norm: [0.3, 1.0]   # any dotted TrainConfig key is an axis too
+  sample_rate: [0.25, 1.0]   # expected batch as a fraction of K (train.batch_size = q K)
 overrides:                   # dotted keys applied per mechanism (e.g. DP wants a larger lr)
   dp_sgd: {optim.lr: 2.0e-3}
 ```
@@ -26,18 +28,31 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dpalign.config import ConfigError, load_yaml_config
 
 Mechanism = Literal["none", "dp_sgd", "label_dp"]
-PRESETS = ("quickstart", "full")
+PRESETS = ("quickstart", "full", "answer")
+SAMPLE_RATE = "sample_rate"
+"""The one axis that is not a dotted key: the expected batch as a fraction q of K, so that
+``train.batch_size = max(1, round(q K))`` (the DP sample rate is then q)."""
+RESERVED = {"data.k": "k", "train.seed": "seed", "privacy.noise_seed": "seed",
+            "privacy.target_epsilon": "epsilon", "privacy.enabled": "mechanism",
+            "loss.name": "loss"}
+"""Dotted keys the grid sets itself: an axis over them is refused (name the grid field)."""
 
 
 class GridConfig(BaseModel):
-    """The axes of the grid; every combination is one run (after normalisation)."""
+    """The axes of the grid; every combination is one run (after normalisation).
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    Besides the named fields, any dotted ``TrainConfig`` key (``privacy.max_grad_norm``,
+    ``optim.lr``, ``optim.name``, ``train.steps``, ``lora.r``, ``privacy.clipping``, ...) and
+    ``sample_rate`` are axes: a list of values each. They are checked against
+    ``TrainConfig`` when the grid is expanded (every run's config is built before any run).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
 
     mechanism: list[Mechanism] = Field(default_factory=lambda: ["dp_sgd"], min_length=1)
     epsilon: list[float] = Field(default_factory=lambda: [math.inf], min_length=1)
@@ -61,6 +76,57 @@ class GridConfig(BaseModel):
             raise ValueError(f"k must be >= 1, got {values}")
         return values
 
+    @model_validator(mode="after")
+    def _setting_axes(self) -> GridConfig:
+        for key, values in (self.model_extra or {}).items():
+            if key != SAMPLE_RATE and "." not in key:
+                raise ValueError(f"grid.{key}: not an axis; axes are mechanism, epsilon, k, "
+                                 "seed, loss, lr, sample_rate and dotted TrainConfig keys "
+                                 "(e.g. privacy.max_grad_norm)")
+            if key in RESERVED:
+                raise ValueError(f"grid.{key}: set by the grid itself; use grid.{RESERVED[key]}")
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"grid.{key}: give a non-empty list of values")
+            if key == SAMPLE_RATE and not all(isinstance(v, (int, float)) and 0 < v <= 1
+                                              for v in values):
+                raise ValueError(f"grid.sample_rate: fractions of K in (0, 1], got {values}")
+        return self
+
+    @property
+    def settings(self) -> dict[str, list[Any]]:
+        """The extra axes, ``{dotted key or "sample_rate": values}``, in the order given."""
+        return dict(self.model_extra or {})
+
+
+class TuneConfig(BaseModel):
+    """How the study picks a configuration per (mechanism, epsilon, K, loss).
+
+    ``metric``: a runs-table column (higher is better) averaged over seeds; by default the
+    validation part of the held-out pairs. ``split``: ``private`` (the validation pairs come
+    from the same private held-out data: choosing on them is itself a release that epsilon
+    does not count, Papernot & Steinke 2022) or ``public`` (``eval.validation`` names a
+    public file). ``fixed``: the settings, ``{axis: value}``, whose figures are shown "at
+    fixed settings" beside the tuned ones; axes not named take their first value.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    metric: str = "final_val_reward_accuracy"
+    split: Literal["private", "public"] = "private"
+    fixed: dict[str, Any] = Field(default_factory=dict)
+
+
+class HalvingConfig(BaseModel):
+    """Successive halving over each tuning group's configurations (same mechanism, epsilon,
+    K and loss): every configuration first runs with the first ``seeds`` seeds of
+    ``grid.seed``; then only the best ``ceil(keep x n)`` by ``tune.metric`` (mean over those
+    seeds) run the remaining seeds. The others are recorded as ``pruned``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seeds: int = Field(2, ge=1)
+    keep: float = Field(1 / 3, gt=0, le=1)
+
 
 class StudyConfig(BaseModel):
     """What to run; ``base`` is a ``TrainConfig`` as a dict (model, world and data files are
@@ -74,6 +140,8 @@ class StudyConfig(BaseModel):
     base: dict[str, Any] = Field(default_factory=dict)
     grid: GridConfig = Field(default_factory=GridConfig)
     overrides: dict[Mechanism, dict[str, Any]] = Field(default_factory=dict)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    halving: HalvingConfig | None = None
     workers: int = Field(2, ge=1, description="runs at the same time (local backend)")
 
 

@@ -9,8 +9,13 @@ Seeds vary the batch order, LoRA initialisation and DP noise (``train.seed`` and
 ``privacy.noise_seed``); the few-shot subset (``data.seed``) is the study's, so K=32 is a
 prefix of K=128 and seeds isolate the training randomness.
 
-Run names read ``{mechanism}-eps{eps}-k{k}-{loss}[-lr{lr}]-s{seed}``; the grid point is the
-name without the seed.
+Setting axes (dotted ``TrainConfig`` keys and ``sample_rate``) apply last, over the base and
+the mechanism's overrides. ``privacy.*`` settings mean nothing without DP-SGD: runs of the
+other mechanisms drop them, so the no-noise run is not repeated once per clipping norm.
+
+Run names read ``{mechanism}-eps{eps}-k{k}-{loss}[-lr{lr}][-{setting}...]-s{seed}``, each
+setting written short (``SHORT``: ``C0.3``, ``q0.25``, ``T60``, ``adaptive``, ``dpadam_bc``);
+the grid point is the name without the seed.
 """
 
 from __future__ import annotations
@@ -21,11 +26,27 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpalign.config import ConfigError, deep_merge, nest_dotted
-from dpalign.study.config import StudyConfig
+from dpalign.study.config import SAMPLE_RATE, StudyConfig
 from dpalign.train.config import TrainConfig
 from dpalign.world.load import World
 
 LABEL_DP_LOSS = {"dpo": "robust"}
+SHORT = {"optim.lr": "lr", "privacy.max_grad_norm": "C", SAMPLE_RATE: "q", "train.steps": "T",
+         "train.batch_size": "b", "lora.r": "r", "loss.beta": "beta", "optim.name": "",
+         "privacy.clipping": "", "optim.weight_decay": "wd", "optim.schedule": ""}
+"""How a setting appears in run names (prefix before its value); others: the key's last part."""
+
+Settings = tuple[tuple[str, Any], ...]
+
+
+def _text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def setting_label(key: str, value: Any) -> str:
+    """``privacy.max_grad_norm``, 0.3 -> ``C0.3``; ``privacy.clipping``, adaptive ->
+    ``adaptive``."""
+    return f"{SHORT.get(key, key.rsplit('.', 1)[-1])}{_text(value)}"
 
 
 @dataclass(frozen=True)
@@ -38,12 +59,14 @@ class Point:
     loss: str
     lr: float | None
     seed: int
+    settings: Settings = ()
 
     @property
     def point(self) -> str:
         eps = "inf" if math.isinf(self.epsilon) else f"{self.epsilon:g}"
         lr = "" if self.lr is None else f"-lr{self.lr:g}"
-        return f"{self.mechanism}-eps{eps}-k{self.k}-{self.loss}{lr}"
+        extra = "".join(f"-{setting_label(k, v)}" for k, v in self.settings)
+        return f"{self.mechanism}-eps{eps}-k{self.k}-{self.loss}{lr}{extra}"
 
     @property
     def name(self) -> str:
@@ -53,7 +76,7 @@ class Point:
         """The grid's columns of this run in the results table."""
         return {"run": self.name, "point": self.point, "mechanism": self.mechanism,
                 "epsilon_target": self.epsilon, "k": self.k, "loss": self.loss,
-                "lr": self.lr, "seed": self.seed}
+                "seed": self.seed, **dict(self.settings)}
 
 
 def normalise(mechanism: str, epsilon: float) -> tuple[str, float]:
@@ -63,14 +86,27 @@ def normalise(mechanism: str, epsilon: float) -> tuple[str, float]:
     return mechanism, epsilon
 
 
+def _settings(mechanism: str, keys: list[str], values: tuple[Any, ...]) -> Settings:
+    """The point's settings; ``privacy.*`` ones only for DP-SGD (they do nothing otherwise)."""
+    return tuple((k, v) for k, v in zip(keys, values, strict=True)
+                 if mechanism == "dp_sgd" or not k.startswith("privacy."))
+
+
 def expand(study: StudyConfig) -> list[Point]:
-    """Every distinct run of the grid, sorted (mechanism, epsilon, k, loss, lr, seed)."""
+    """Every distinct run of the grid, sorted (mechanism, epsilon, k, loss, lr, settings in
+    grid order, seed)."""
     g = study.grid
-    points = {Point(*normalise(m, e), k, loss, lr, s)
-              for m, e, k, loss, lr, s in itertools.product(
-                  g.mechanism, g.epsilon, g.k, g.loss, g.lr, g.seed)}
-    return sorted(points, key=lambda p: (p.mechanism, p.epsilon, p.k, p.loss,
-                                         -1.0 if p.lr is None else p.lr, p.seed))
+    keys = list(g.settings)
+    points = set()
+    for m, e, k, loss, lr, s, *values in itertools.product(
+            g.mechanism, g.epsilon, g.k, g.loss, g.lr, g.seed, *g.settings.values()):
+        mechanism, epsilon = normalise(m, e)
+        points.add(Point(mechanism, epsilon, k, loss, lr, s,
+                         _settings(mechanism, keys, tuple(values))))
+    order = {key: {_text(v): i for i, v in enumerate(vals)} for key, vals in g.settings.items()}
+    return sorted(points, key=lambda p: (
+        p.mechanism, p.epsilon, p.k, p.loss, -1.0 if p.lr is None else p.lr,
+        [order[k][_text(v)] for k, v in p.settings], p.seed))
 
 
 def _mechanism(point: Point) -> dict[str, Any]:
@@ -98,7 +134,30 @@ def train_config(study: StudyConfig, point: Point) -> TrainConfig:
     data = deep_merge(data, _mechanism(point))
     if point.lr is not None:
         data = deep_merge(data, {"optim": {"lr": point.lr}})
+    settings = dict(point.settings)
+    if SAMPLE_RATE in settings:
+        settings["train.batch_size"] = max(1, round(settings.pop(SAMPLE_RATE) * point.k))
+    data = deep_merge(data, nest_dotted(settings))
     try:
         return TrainConfig.model_validate(data)
     except ValueError as exc:
         raise ConfigError(f"study {study.name!r}, run {point.name}: {exc}") from exc
+
+
+EFFECTIVE = ("lr", "optimizer", "batch_size", "sample_rate", "steps", "max_grad_norm",
+             "clipping", "lora_r")
+"""The runs table's columns of each run's effective settings (what it trained with, after the
+base, the mechanism's overrides and the grid)."""
+
+
+def effective_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """``EFFECTIVE`` of one run's config; DP-only settings are NaN / "none" without DP-SGD."""
+    dp = cfg.privacy.enabled
+    k = cfg.data.k
+    return {"lr": cfg.optim.lr, "optimizer": cfg.optim.name,
+            "batch_size": cfg.train.batch_size,
+            "sample_rate": cfg.train.batch_size / k if k else math.nan,
+            "steps": cfg.train.steps if cfg.train.steps is not None else math.nan,
+            "max_grad_norm": cfg.privacy.max_grad_norm if dp else math.nan,
+            "clipping": getattr(cfg.privacy, "clipping", "fixed") if dp else "none",
+            "lora_r": cfg.lora.r if cfg.lora.enabled else math.nan}

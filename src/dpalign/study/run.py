@@ -3,7 +3,10 @@
 Study directory layout:
 
     DIR/study.yaml        the resolved StudyConfig (a rerun must match it)
-    DIR/study.json        command, time, git revision, versions, machine, accountant
+    DIR/study.json        command, time, git revision, versions, machine (CPU model, flags,
+                          torch kernel set), base weights' hash, accountant
+    DIR/base.json         the base model's figures, evaluated as every run's end (reference)
+    DIR/halving.json      with successive halving: the promoted points and pruned runs
     DIR/runs/<run>/       one training run directory each (dpalign.train.loop), plus
                           diagnostics.json when finished, error.json when it failed
     DIR/runs.parquet      a row per run        (dpalign.study.store)
@@ -12,14 +15,9 @@ Study directory layout:
 
 from __future__ import annotations
 
-import datetime as dt
-import os
-import platform
-import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +25,15 @@ import pandas as pd
 import yaml
 
 from dpalign.config import ConfigError
+from dpalign.diagnostics import diagnose_run_dir
 from dpalign.io import atomic_write_json, atomic_write_text
 from dpalign.progress import make_progress
 from dpalign.rundir import StudyDir
+from dpalign.study.base import BASE_FILE, evaluate_base, read_base
 from dpalign.study.config import StudyConfig
 from dpalign.study.grid import Point, expand, train_config
+from dpalign.study.halving import kept_count, promoted
+from dpalign.study.provenance import write_provenance
 from dpalign.study.runner import (
     BACKENDS,
     RunTask,
@@ -40,8 +42,9 @@ from dpalign.study.runner import (
     threads_per_run,
 )
 from dpalign.study.store import points_table, runs_table, write_parquet
+from dpalign.train.config import TrainConfig
 
-PACKAGES = ("dpalign", "torch", "transformers", "peft", "dp-accounting", "pandas", "ray")
+HALVING_FILE = "halving.json"
 
 
 @dataclass(frozen=True)
@@ -51,24 +54,6 @@ class StudyResult:
     points: pd.DataFrame
     ran: int
     skipped: int
-
-
-def _versions() -> dict[str, str | None]:
-    def one(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-    return {name: one(name) for name in PACKAGES}
-
-
-def _git_revision() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, cwd=Path(__file__).parent, check=False)
-    except OSError:
-        return None
-    return done.stdout.strip() or None
 
 
 def _claim(out: Path, study: StudyConfig) -> None:
@@ -83,50 +68,101 @@ def _claim(out: Path, study: StudyConfig) -> None:
     atomic_write_text(saved, yaml.safe_dump(wanted, sort_keys=False))
 
 
-def _provenance(out: Path, study: StudyConfig, command: list[str], accountant: str) -> None:
-    atomic_write_json(StudyDir(out).meta, {
-        "name": study.name, "command": command,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "git_revision": _git_revision(), "versions": _versions(),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpu_count": os.cpu_count()},
-        "accountant": accountant, "config": study.model_dump(mode="json")})
+def _run(tasks: list[RunTask], backend: str, workers: int, address: str | None,
+         study_dir: StudyDir, bar: Any, task_id: Any,
+         on_run: Callable[[dict[str, Any]], None] | None) -> None:
+    for outcome in (BACKENDS[backend](tasks, workers, address) if tasks else []):
+        if outcome["status"] == "failed":  # the backend's word when the worker died
+            record_failure(study_dir.run(outcome["run"]).path, outcome["error"])
+        bar.update(task_id, advance=1, info=f"{outcome['run']} {outcome['status']}")
+        if on_run:
+            on_run(outcome)
+
+
+def _rungs(study: StudyConfig, points: list[Point]) -> tuple[list[Point], list[Point], int]:
+    """Successive halving's first rung, the rest, and how many of the rest will run."""
+    if study.halving is None:
+        return points, [], 0
+    first = set(study.grid.seed[:study.halving.seeds])
+    rung1 = [p for p in points if p.seed in first]
+    rest = [p for p in points if p.seed not in first]
+    groups: dict[tuple[Any, ...], set[str]] = {}
+    for p in rung1:
+        groups.setdefault((p.mechanism, p.epsilon, p.k, p.loss), set()).add(p.point)
+    seeds_left = len(set(study.grid.seed) - first)
+    later = sum(kept_count(len(g), study.halving.keep) for g in groups.values()) * seeds_left
+    return rung1, rest, later
 
 
 def run_study(study: StudyConfig, out: str | Path, *, backend: str = "local",
               workers: int | None = None, address: str | None = None,
               command: list[str] | None = None,
               on_run: Callable[[dict[str, Any]], None] | None = None) -> StudyResult:
-    """Run every unfinished run of ``study`` under ``out`` and write the tables."""
+    """Run every unfinished run of ``study`` under ``out`` and write the tables (with
+    ``study.halving``: the first rung, then the promoted configurations' other seeds)."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     out = Path(out)
     points = expand(study)
     configs = {p.name: train_config(study, p) for p in points}  # every error before any run
+    _check_tuning(study, configs)
     _claim(out, study)
-    accountant = next(iter(configs.values())).privacy.accountant
-    _provenance(out, study, command if command is not None else sys.argv, accountant)
+    first_config = next(iter(configs.values()))
+    write_provenance(StudyDir(out).meta, study, command if command is not None else sys.argv,
+                     first_config)
+    evaluate_base(first_config, StudyDir(out).path / BASE_FILE)
     workers = workers or study.workers
     study_dir = StudyDir(out)
-    todo = [p for p in points if not is_finished(study_dir.run(p.name).path)]
-    tasks = [RunTask(p.name, configs[p.name].model_dump(mode="json"),
-                     str(study_dir.run(p.name).path), threads_per_run(workers)) for p in todo]
+
+    def tasks(todo: list[Point]) -> list[RunTask]:
+        return [RunTask(p.name, configs[p.name].model_dump(mode="json"),
+                        str(study_dir.run(p.name).path), threads_per_run(workers))
+                for p in todo if not is_finished(study_dir.run(p.name).path)]
+
+    rung1, rest, later = _rungs(study, points)
+    first_tasks = tasks(rung1)
+    ran = len(first_tasks)
     with make_progress() as bar:
-        task_id = bar.add_task(f"study {study.name}", total=len(points),
-                               completed=len(points) - len(todo), info="")
-        for outcome in (BACKENDS[backend](tasks, workers, address) if tasks else []):
-            if outcome["status"] == "failed":  # the backend's word when the worker died
-                record_failure(study_dir.run(outcome["run"]).path, outcome["error"])
-            bar.update(task_id, advance=1, info=f"{outcome['run']} {outcome['status']}")
-            if on_run:
-                on_run(outcome)
-    return collect(out, points, ran=len(todo))
+        total = len(rung1) + later
+        task_id = bar.add_task(f"study {study.name}", total=total,
+                               completed=len(rung1) - len(first_tasks), info="")
+        _run(first_tasks, backend, workers, address, study_dir, bar, task_id, on_run)
+        pruned: set[str] = set()
+        if study.halving is not None:
+            table = runs_table(rung1, study_dir.runs, configs)
+            kept = promoted(rung1, table, study.tune.metric, study.halving.keep)
+            pruned = {p.name for p in rest if p.point not in kept}
+            atomic_write_json(study_dir.path / HALVING_FILE, {
+                "metric": study.tune.metric, "first_rung_seeds": sorted({p.seed for p in rung1}),
+                "keep": study.halving.keep, "promoted": sorted(kept),
+                "pruned_runs": sorted(pruned)})
+            second = tasks([p for p in rest if p.name not in pruned])
+            bar.update(task_id, completed=total - len(second))
+            ran += len(second)
+            _run(second, backend, workers, address, study_dir, bar, task_id, on_run)
+    return collect(out, points, configs, ran=ran, pruned=pruned)
 
 
-def collect(out: Path, points: list[Point], ran: int = 0) -> StudyResult:
-    """Rebuild ``runs.parquet`` and ``points.parquet`` from the run directories."""
+def _check_tuning(study: StudyConfig, configs: Mapping[str, TrainConfig]) -> None:
+    """Tuning on a public split needs every run to name its validation file."""
+    if study.tune.split == "public" and any(c.eval.validation is None
+                                            for c in configs.values()):
+        raise ConfigError(f"study {study.name!r}: tune.split=public needs base.eval.validation "
+                          "(a public file of validation pairs)")
+
+
+def collect(out: Path, points: list[Point], configs: Mapping[str, TrainConfig],
+            ran: int = 0, pruned: set[str] | None = None) -> StudyResult:
+    """Rebuild ``runs.parquet`` and ``points.parquet`` from the run directories (finished
+    runs' diagnostics recomputed from their logs, so the tables follow today's rules)."""
     study_dir = StudyDir(out)
-    runs = runs_table(points, study_dir.runs)
+    base = read_base(study_dir.path / BASE_FILE)
+    for p in points:
+        run = study_dir.run(p.name)
+        if run.is_finished():
+            atomic_write_json(run.diagnostics,
+                              diagnose_run_dir(run.path, base=base).as_dict())
+    runs = runs_table(points, study_dir.runs, configs, pruned or set())
     summary = points_table(runs)
     write_parquet(runs, study_dir.runs_table)
     write_parquet(summary, study_dir.points_table)

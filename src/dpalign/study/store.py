@@ -1,14 +1,18 @@
 """The study's results: ``runs.parquet`` (a row per run) and ``points.parquet`` (a row per
 grid point, aggregated over seeds), both rebuilt from the run directories alone.
 
-``runs.parquet`` columns: the grid's (``run, point, mechanism, epsilon_target, k, loss, lr,
-seed``), ``status`` (ok | failed | pending), ``error``, ``sigma`` (DP-SGD noise multiplier),
+``runs.parquet`` columns: the grid's (``run, point, mechanism, epsilon_target, k, loss,
+seed`` and one per setting axis, named by its dotted key), the run's effective settings
+(``dpalign.study.grid.EFFECTIVE``: ``lr``, ``optimizer``, ``batch_size``, ``sample_rate``,
+``steps``, ``max_grad_norm``, ``clipping``, ``lora_r``), ``status`` (ok | failed | pending
+| pruned), ``error``, ``sigma`` (DP-SGD noise multiplier),
 ``epsilon`` (spent: DP-SGD's accountant value; label-DP's label-level epsilon, a different
 guarantee; inf without noise), ``epsilon_kind`` (example | user | label | none),
 ``wall_seconds`` and every diagnostic of ``dpalign.diagnostics.RunDiagnostics.as_dict``
 (``final_pope_adversarial_accuracy``, ``loss_volatility``, ...).
 
-``points.parquet``: the grid columns without ``run``/``seed``, ``n_runs``, ``n_failed``, and
+``points.parquet``: the grid and effective-setting columns without ``run``/``seed``,
+``n_runs``, ``n_failed``, and
 ``dpalign.diagnostics.aggregate`` over the point's finished runs (``<x>_mean``, ``_std``,
 ``_ci_low``, ``_ci_high``, ``_n``, ``divergence_rate``, ``converged_fraction``).
 """
@@ -18,7 +22,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +31,11 @@ import pandas as pd
 from dpalign.diagnostics import aggregate
 from dpalign.io import atomic_write_bytes
 from dpalign.rundir import RunDir
-from dpalign.study.grid import Point
+from dpalign.study.grid import EFFECTIVE, Point, effective_settings
+from dpalign.train.config import TrainConfig
 
-GRID_COLUMNS = ("point", "mechanism", "epsilon_target", "k", "loss", "lr")
-NOT_AGGREGATED = ("seed", "epsilon_target", "k", "lr", "diverged_step")
+GRID_COLUMNS = ("point", "mechanism", "epsilon_target", "k", "loss", *EFFECTIVE)
+NOT_AGGREGATED = ("seed", "diverged_step", *GRID_COLUMNS)
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -47,9 +52,12 @@ def _privacy_columns(result: dict[str, Any]) -> dict[str, Any]:
     return {"sigma": math.nan, "epsilon": math.inf, "epsilon_kind": "none"}
 
 
-def run_row(point: Point, run_dir: Path) -> dict[str, Any]:
-    """One row of ``runs.parquet`` from a run directory (finished, failed or pending)."""
-    row: dict[str, Any] = {**point.columns(), "status": "pending", "error": None}
+def run_row(point: Point, run_dir: Path, config: TrainConfig, pruned: bool = False
+            ) -> dict[str, Any]:
+    """One row of ``runs.parquet`` from a run directory (finished, failed, pending, or
+    pruned by successive halving) and the run's config (its effective settings)."""
+    row: dict[str, Any] = {**point.columns(), **effective_settings(config),
+                           "status": "pruned" if pruned else "pending", "error": None}
     files = RunDir(run_dir)
     error, result = _json(files.error), _json(files.result)
     if error is not None:
@@ -62,8 +70,18 @@ def run_row(point: Point, run_dir: Path) -> dict[str, Any]:
             **{k: v for k, v in diagnostics.items() if k != "epsilon"}}
 
 
-def runs_table(points: Sequence[Point], runs_dir: Path) -> pd.DataFrame:
-    return pd.DataFrame([run_row(p, runs_dir / p.name) for p in points])
+def runs_table(points: Sequence[Point], runs_dir: Path, configs: Mapping[str, TrainConfig],
+               pruned: set[str] | frozenset[str] = frozenset()) -> pd.DataFrame:
+    """A row per run; ``configs`` maps run names to their configs, ``pruned`` names the runs
+    successive halving did not run."""
+    return pd.DataFrame([run_row(p, runs_dir / p.name, configs[p.name], p.name in pruned)
+                         for p in points])
+
+
+def _setting_columns(runs: pd.DataFrame) -> list[str]:
+    """Grid and setting columns, constant within a point: carried, not aggregated."""
+    return [*(c for c in GRID_COLUMNS if c in runs.columns),
+            *(c for c in runs.columns if "." in c)]
 
 
 def points_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -71,11 +89,12 @@ def points_table(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, group in runs.groupby("point", sort=False):
         ok = group[group["status"] == "ok"]
-        numeric = [c for c in ok.columns if c not in NOT_AGGREGATED
+        carried = _setting_columns(runs)
+        numeric = [c for c in ok.columns if c not in NOT_AGGREGATED and c not in carried
                    and (pd.api.types.is_numeric_dtype(ok[c]) or pd.api.types.is_bool_dtype(ok[c]))]
         records = ok[numeric].to_dict("records")
         stats = aggregate(records, keys=numeric) if records else {}
-        rows.append({**{c: group.iloc[0][c] for c in GRID_COLUMNS}, **stats,
+        rows.append({**{c: group.iloc[0][c] for c in carried}, **stats,
                      "n_runs": len(ok), "n_failed": int((group["status"] == "failed").sum())})
     return pd.DataFrame(rows)
 

@@ -10,12 +10,12 @@ say which answer was preferred.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from dpalign.data.fewshot import few_shot
+from dpalign.data.fewshot import few_shot, validation_split
 from dpalign.data.records import read_preference_jsonl
 from dpalign.data.sampling import steps_per_epoch
 from dpalign.data.schema import PreferenceRecord
@@ -80,6 +80,7 @@ class RunData:
     total: int
     units: list[list[int]]
     plan: PrivacyPlan | None
+    val: list[PreferenceRecord] = field(default_factory=list)
 
 
 def check_run(cfg: TrainConfig) -> RunData:
@@ -93,10 +94,16 @@ def check_run(cfg: TrainConfig) -> RunData:
                                            cfg.data.seed).records)
     held = (read_preference_jsonl(cfg.data.heldout)[:cfg.eval.heldout_pairs]
             if cfg.data.heldout else [])
+    val = read_preference_jsonl(cfg.eval.validation) if cfg.eval.validation else []
+    if cfg.eval.validation_fraction is not None:
+        if not cfg.data.heldout:
+            raise ValueError("eval.validation_fraction splits the held-out pairs: set "
+                             "data.heldout")
+        val, held = validation_split(held, cfg.eval.validation_fraction)
     total = total_steps(cfg, len(records))
     units = privacy_units(records, [r.user_id for r in records],  # type: ignore[arg-type]
                           cfg.privacy.unit)
-    return RunData(records, held, total, units, _privacy_plan(cfg, len(units), total))
+    return RunData(records, held, total, units, _privacy_plan(cfg, len(units), total), val)
 
 
 def length_limit(cfg: TrainConfig, model: torch.nn.Module) -> tuple[int, str] | None:

@@ -67,8 +67,25 @@ class EvalConfig(Section):
         True, description="POPE and CHAIR when the run names a world: at every evaluation "
                           "(true), never (false) or only at the last step (end)")
     limit: int | None = Field(100, ge=1, description="images per POPE/CHAIR part")
+    pope_splits: list[Literal["random", "popular", "adversarial"]] = Field(
+        default_factory=lambda: ["random", "popular", "adversarial"], min_length=1,
+        description="POPE splits answered (they share their positive questions)")
     heldout_pairs: int | None = Field(
         None, ge=1, description="held-out pairs evaluated: the file's first N; None = all")
+    validation_fraction: float | None = Field(
+        None, gt=0, lt=1, description="split the held-out pairs into a validation part (this "
+                                      "fraction, by id hash) logged as val_*, and a test part "
+                                      "logged as heldout_*; for tuning without touching test")
+    validation: Path | None = Field(
+        None, description="a separate (e.g. public) file of validation pairs, logged as "
+                          "val_*; the held-out file stays the test set")
+
+    @model_validator(mode="after")
+    def _one_validation(self) -> EvalConfig:
+        if self.validation_fraction is not None and self.validation is not None:
+            raise ValueError("give eval.validation_fraction (a part of the held-out pairs) or "
+                             "eval.validation (a file), not both")
+        return self
 
 
 class CheckpointConfig(Section):

@@ -5,7 +5,15 @@ computes each pair's gradient of its own total loss, sums the pairs of one user 
 unit is the user, clips every unit to C, adds N(0, sigma^2 C^2) once, divides by the
 expected batch and returns the state with the step recorded in its ledger (saved in every
 checkpoint). Batches and noise are functions of (seed, step), so resume is exact. The plan,
-the noise and the data-parallel helpers are ``dpalign.privacy.plan``.
+the noise and the data-parallel helpers are ``dpalign.privacy.plan``; the clipping rule
+(``privacy.clipping``: fixed, adaptive, automatic) is ``dpalign.privacy.clipping``. Adaptive
+clipping's C_t lives in the ``LoopState`` (so in checkpoints) and its noisy count is drawn
+from a stream of its own, so fixed clipping draws exactly the noise it always did.
+
+Each row logs ``dp_clip_norm`` (the C used), ``dp_noise_variance`` (the per-coordinate
+variance (grad_sigma C / B)^2 of the noise in the mean gradient, which DP-AdamBC subtracts;
+``Session.step`` hands it to the optimizer) and, for adaptive clipping,
+``dp_unclipped_estimate`` (b_t, from which C_{t+1} follows).
 
 Under ``torch.distributed`` every rank draws the same sample, takes every world-size-th unit
 and clips its units; the clipped sums are all-reduced and rank 0 adds the noise once.
@@ -13,6 +21,7 @@ and clips its units; the clipped sums are all-reduced and rank 0 adds the noise 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,11 +32,13 @@ import torch
 from dpalign.losses.base import LossOut, PairLogps
 from dpalign.losses.objective import Objective
 from dpalign.models.pairs import EncodedPair
-from dpalign.privacy.dp_sgd import clip_per_unit, empty_units, group_by_unit, step_diagnostics
+from dpalign.privacy.clipping import CLIPPING, next_clip_norm
+from dpalign.privacy.dp_sgd import empty_units, group_by_unit, step_diagnostics
 from dpalign.privacy.per_pair import Engine
 from dpalign.privacy.plan import (
     PrivacyPlan,
     all_reduce_units,
+    noisy_count_once,
     noisy_once,
     rank_and_world,
     spent_epsilon,
@@ -53,6 +64,12 @@ def chunked_grads(engine: Engine, pairs: Sequence[EncodedPair], idx: list[int], 
     return grads, LossOut.cat([out for _, out in parts])
 
 
+def noise_variance(sigma: float, clip_norm: float, expected_batch: float) -> float:
+    """(sigma C / B)^2: the variance of each coordinate of the noise in the mean gradient
+    (0 when sigma = 0, also with C = inf)."""
+    return 0.0 if sigma == 0 else (sigma * clip_norm / expected_batch) ** 2
+
+
 @dataclass(frozen=True)
 class DPStep:
     """The DP step: ``.grad`` of the trainable parameters set to the noisy clipped mean of
@@ -74,23 +91,34 @@ class DPStep:
         (one more step in its ledger). The per-pair gradients are taken
         ``train.micro_batch_size`` pairs at a time."""
         privacy = self.cfg.privacy
+        rule = CLIPPING[privacy.clipping]
+        clip_norm = privacy.max_grad_norm if state.clip_norm is None else state.clip_norm
         sampled = self.plan.sample(privacy, self.cfg.train.seed, step)
         grads, metrics = self._unit_grads(sampled)
-        clipped, norms = clip_per_unit(grads, privacy.max_grad_norm)
+        clipped, norms = rule.clip(grads, clip_norm, privacy.auto_gamma)
         if rank_and_world()[1] > 1:
             clipped, norms = all_reduce_units(clipped, norms)
-        noisy = noisy_once(clipped, self.plan, privacy, step)
+        noisy = noisy_once(clipped, self.plan, privacy, step, clip_norm)
         for name, param in self.engine.params.items():
             param.grad = noisy[name].to(param.dtype)
         ledger = state.ledger.append(self.plan.entry(privacy))
-        diag = step_diagnostics(clipped, norms, self.plan.sigma, privacy.max_grad_norm,
-                                self.plan.expected_batch)
+        sigma = self.plan.gradient_sigma
+        diag = step_diagnostics(clipped, norms, sigma, clip_norm, self.plan.expected_batch)
+        adaptive: dict[str, float] = {}
+        next_norm = state.clip_norm
+        if rule.adapts:
+            unclipped = noisy_count_once(norms, clip_norm, self.plan, privacy, step)
+            next_norm = next_clip_norm(clip_norm, unclipped, privacy.target_quantile,
+                                       privacy.clip_lr)
+            adaptive = {"dp_unclipped_estimate": unclipped}
         accounted = step % privacy.account_every == 0 or step == self.total
         row = {**metrics, "pairs": sum(len(self.units[u]) for u in sampled),
                **{f"dp_{k}": (None if isinstance(v, float) and math.isnan(v) else v)
                   for k, v in diag.as_dict().items()},
+               "dp_clip_norm": clip_norm, **adaptive,
+               "dp_noise_variance": noise_variance(sigma, clip_norm, self.plan.expected_batch),
                "epsilon": spent_epsilon(ledger, privacy) if accounted else None}
-        return row, LoopState(state.loss_state, ledger)
+        return row, dataclasses.replace(state, ledger=ledger, clip_norm=next_norm)
 
     def _unit_grads(self, sampled: list[int]
                     ) -> tuple[dict[str, torch.Tensor], dict[str, float | None]]:

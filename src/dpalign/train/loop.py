@@ -63,7 +63,7 @@ from dpalign.train.checks import (
 )
 from dpalign.train.config import TrainConfig
 from dpalign.train.dp_step import DPStep
-from dpalign.train.optim import build_optimizer
+from dpalign.train.optim import build_optimizer, set_noise_variance
 from dpalign.train.reference import cached_reference, compute_reference
 from dpalign.train.state import GradStep, LoopState
 from dpalign.train.step import PlainStep
@@ -179,38 +179,43 @@ def _check_inputs(cfg: TrainConfig, objective: Objective, pairs: list[EncodedPai
 
 
 class Evaluator:
-    """Held-out preference metrics (and POPE/CHAIR on a world) at a given step."""
+    """Held-out preference metrics (and POPE/CHAIR on a world) at a given step.
 
-    def __init__(self, cfg: TrainConfig, processor: Any, held: list[EncodedPair],
-                 held_ref: PairLogps | None, pad_id: int) -> None:
-        self.cfg, self.processor, self.held, self.held_ref = cfg, processor, held, held_ref
-        self.pad_id = pad_id
+    ``parts`` maps a metric prefix to its pairs and their cached reference log-probs:
+    ``heldout`` (the test part when a validation part is split off) and ``val``."""
+
+    def __init__(self, cfg: TrainConfig, processor: Any,
+                 parts: dict[str, tuple[list[EncodedPair], PairLogps]], pad_id: int) -> None:
+        self.cfg, self.processor, self.parts, self.pad_id = cfg, processor, parts, pad_id
 
     def __call__(self, model: torch.nn.Module, step: int, final: bool = True) -> dict[str, Any]:
         row: dict[str, Any] = {"step": step}
-        if self.held and self.held_ref is not None:
+        for prefix, (pairs, ref) in self.parts.items():
             # At step 0 no parameter has moved (adapters start at B = 0): the policy IS the
             # reference, so its log-probs are reused, not recomputed. A recomputation differs
             # only by rounding (~1e-8 on some CPUs), which is no measurement of the policy.
-            policy = self.held_ref if step == 0 else compute_reference(
-                model, self.held, self.pad_id, with_corrupt=False,
+            policy = ref if step == 0 else compute_reference(
+                model, pairs, self.pad_id, with_corrupt=False,
                 batch_size=self.cfg.eval.batch_size)
-            row |= {f"heldout_{k}": v for k, v in
-                    preference_metrics(policy, self.held_ref, self.cfg.loss.beta).items()}
+            row |= {f"{prefix}_{k}": v for k, v in
+                    preference_metrics(policy, ref, self.cfg.loss.beta).items()}
         world = self.cfg.eval.world
         if self.cfg.world is not None and (world is True or (world == "end" and final)):
-            row |= _world_figures(model, self.processor, self.cfg)
+            row |= world_figures(model, self.processor, self.cfg)
         return row
 
 
-def _world_figures(model: torch.nn.Module, processor: Any, cfg: TrainConfig) -> dict[str, Any]:
+def world_figures(model: torch.nn.Module, processor: Any, cfg: TrainConfig) -> dict[str, Any]:
+    """POPE (``pope_<split>_<accuracy|f1|yes_ratio|n>``) and CHAIR figures of ``model`` on
+    the run's world, with the run's evaluation settings (the keys of an eval row)."""
     from dpalign.eval.world_eval import EvalSettings, evaluate_world
     from dpalign.world.load import World
 
     res = evaluate_world(model, processor, World.load(cfg.world),  # type: ignore[arg-type]
-                         EvalSettings(batch_size=cfg.eval.batch_size, limit=cfg.eval.limit))
+                         EvalSettings(batch_size=cfg.eval.batch_size, limit=cfg.eval.limit,
+                                splits=tuple(cfg.eval.pope_splits)))
     figures = {f"pope_{s}_{m}": v[m] for s, v in res["pope"].items()
-               for m in ("accuracy", "f1", "yes_ratio")}
+               for m in ("accuracy", "f1", "yes_ratio", "n")}
     chair = res["chair"]
     return figures | {"chair_s": chair["chair_s"], "chair_i": chair["chair_i"],
                       "recall": chair["recall"],
@@ -260,9 +265,12 @@ class Session:
 
     def step(self, step: int, state: LoopState) -> tuple[dict[str, Any], LoopState]:
         """One optimizer update on batch ``step`` (1-based): the step's metrics row and the
-        state after it (``state`` itself is a value and stays as it was)."""
+        state after it (``state`` itself is a value and stays as it was). The DP step's
+        noise variance (``dp_noise_variance``; 0 without DP) is handed to the optimizer
+        first, for the optimizers that correct for it (``dpadam_bc``)."""
         tick = time.perf_counter()
         row, state = self.grad_step(step, state)
+        set_noise_variance(self.optimizer, row.get("dp_noise_variance", 0.0))
         lr = self.schedule.get_last_lr()[0]
         self.optimizer.step()
         self.schedule.step()
@@ -316,10 +324,12 @@ def prepare(cfg: TrainConfig, out: Path, data: RunData | None = None) -> Session
     run_dir = RunDir(out)
     ref = cached_reference(run_dir.reference("train"), model, pairs, pad_id,
                            model_dir=cfg.model, with_corrupt=with_corrupt).to(device)
-    held_ref = (cached_reference(run_dir.reference("heldout"), model, held,
-                                 pad_id, model_dir=cfg.model, with_corrupt=False,
-                                 batch_size=cfg.eval.batch_size).to(device)
-                if held else None)
+    val = encode_pairs(data.val, processor, hardness_field=cfg.data.hardness_field)
+    check_lengths(cfg.eval.validation or cfg.data.heldout, val, limit)
+    parts = {prefix: (part, cached_reference(
+        run_dir.reference(prefix), model, part, pad_id, model_dir=cfg.model,
+        with_corrupt=False, batch_size=cfg.eval.batch_size).to(device))
+        for prefix, part in (("heldout", held), ("val", val)) if part}
     model = prepare_trainable(model, cfg.lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -327,7 +337,7 @@ def prepare(cfg: TrainConfig, out: Path, data: RunData | None = None) -> Session
     grad_step = build_grad_step(cfg, model, pairs, ref, objective, pad_id, data.units,
                                 data.plan, data.total)
     return Session(cfg, model, processor, pairs, ref, objective, optimizer, schedule, params,
-                   Evaluator(cfg, processor, held, held_ref, pad_id), pad_id, data.total,
+                   Evaluator(cfg, processor, parts, pad_id), pad_id, data.total,
                    data.units, data.plan, grad_step)
 
 
@@ -387,6 +397,8 @@ def _privacy_summary(run: Session, state: LoopState, taken: int) -> dict[str, An
     if run.plan is not None:
         privacy = {**run.plan.to_dict(cfg.privacy), "steps_taken": taken,
                    "epsilon": spent_epsilon(state.ledger, cfg.privacy)}
+        if state.clip_norm is not None:  # adaptive clipping: C after the last step
+            privacy["final_clip_norm"] = state.clip_norm
     if cfg.privacy.label_epsilon is not None:
         privacy = {**(privacy or {}), "label_epsilon": cfg.privacy.label_epsilon,
                    "label_flip_rate": flip_probability(cfg.privacy.label_epsilon),

@@ -1,9 +1,10 @@
 """The loop's state between steps: a value that each step returns anew.
 
 ``LoopState`` holds what a resumed run needs besides the weights and the optimizer: the
-loss's batch-context state (DAMA's running mean of the reward gap; None for other losses)
-and the privacy ledger. Only the checkpoint serialises it (``to_dict``/``from_dict``), to
-the same JSON object as before it was typed, so older checkpoints resume.
+loss's batch-context state (DAMA's running mean of the reward gap; None for other losses),
+the privacy ledger and adaptive clipping's current norm C_t. Only the checkpoint serialises
+it (``to_dict``/``from_dict``), to the same JSON object as before it was typed (``clip_norm``
+is written only when set), so older checkpoints resume.
 """
 
 from __future__ import annotations
@@ -19,19 +20,23 @@ LOSS_STATE_KEY = "dama_running_mean"  # the checkpoint's key of ``LoopState.loss
 @dataclass(frozen=True)
 class LoopState:
     """loss_state: the loss's batch-context state (``LossSpec.batch_context``), a JSON
-    value; ledger: the DP events so far (empty without DP)."""
+    value; ledger: the DP events so far (empty without DP); clip_norm: the clipping norm
+    C_t of the next DP step under ``privacy.clipping=adaptive`` (None: not adaptive, or
+    before its first step: ``privacy.max_grad_norm``)."""
 
     loss_state: float | None = None
     ledger: Ledger = field(default_factory=Ledger)
+    clip_norm: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The checkpoint's ``state.json`` object (without its ``step``)."""
-        return {LOSS_STATE_KEY: self.loss_state, "ledger": self.ledger.to_json()}
+        raw = {LOSS_STATE_KEY: self.loss_state, "ledger": self.ledger.to_json()}
+        return raw if self.clip_norm is None else {**raw, "clip_norm": self.clip_norm}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> LoopState:
-        """Inverse of ``to_dict``."""
-        return cls(raw[LOSS_STATE_KEY], Ledger.from_json(raw["ledger"]))
+        """Inverse of ``to_dict`` (a checkpoint from before ``clip_norm`` has none)."""
+        return cls(raw[LOSS_STATE_KEY], Ledger.from_json(raw["ledger"]), raw.get("clip_norm"))
 
 
 class GradStep(Protocol):
