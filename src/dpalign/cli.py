@@ -435,7 +435,7 @@ def calibrate_command(
 @app.command()
 def study(
     out: Annotated[Path, typer.Option(help="Study directory (runs/, runs.parquet, ...).")],
-    preset: Annotated[str | None, typer.Option(help="Packaged study: quickstart | full.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Packaged study: quickstart | full | answer.")] = None,
     config: Annotated[Path | None, typer.Option(help="Study YAML (instead of --preset).")] = None,
     model: Annotated[str | None, typer.Option(
         help="Base model: a model folder, or a pretrain preset (tiny | smol) pretrained on the "
@@ -446,7 +446,9 @@ def study(
     as_json: JsonLine = False,
     overrides: Overrides = None,
 ) -> None:
-    """Run a grid of alignment runs (mechanism x epsilon x K x seed x loss x lr); resumable."""
+    """Run a grid of alignment runs (mechanism x epsilon x K x seed x loss x any setting, e.g.
+    optim.lr or privacy.clipping); with halving, only the best settings run every seed;
+    resumable."""
     from dpalign.config import ConfigError
     from dpalign.study import load_study, preset_path, run_study
     from dpalign.study.models import with_model

@@ -141,15 +141,25 @@ def test_adaptive_ledger_epsilon_equals_dp_accounting_of_both_releases() -> None
 
 
 def test_adaptive_plan_with_target_epsilon_and_its_refusals() -> None:
-    """With a target epsilon the calibrated sigma is split; sigma_b defaults to B / 20; a
+    """With a target epsilon the calibrated sigma is split; sigma_b defaults to
+    max(B / 20, 1.2 sigma) (at most 10 % more gradient noise); a
     sigma_b too small for the calibrated sigma is refused at planning, naming the settings;
     one too small for a fixed sigma already at config validation."""
     cfg = PrivacyConfig(enabled=True, target_epsilon=2.0, clipping="adaptive")
     plan = plan_privacy(cfg, n_units=200, batch_size=40, steps=20)
-    assert plan.count_sigma == 2.0  # 40 / 20
-    assert plan.grad_sigma ** -2 + 4.0 ** -2 == pytest.approx(plan.sigma ** -2, rel=1e-12)
+    count = max(2.0, 1.2 * plan.sigma)  # 40 / 20, or 1.2 sigma when that is larger
+    assert plan.count_sigma == count
+    assert plan.grad_sigma ** -2 + (2 * count) ** -2 == pytest.approx(plan.sigma ** -2,
+                                                                     rel=1e-12)
+    assert plan.grad_sigma <= 1.10004 * plan.sigma  # 1 / sqrt(1 - 1 / 2.4^2)
     assert plan.to_dict(cfg)["grad_sigma"] == plan.grad_sigma
-    assert plan.to_dict(cfg)["count_sigma"] == 2.0 and plan.to_dict(cfg)["clipping"] == "adaptive"
+    assert plan.to_dict(cfg)["count_sigma"] == count
+    assert plan.to_dict(cfg)["clipping"] == "adaptive"
+    small_eps = plan_privacy(PrivacyConfig(enabled=True, target_epsilon=0.5, clipping="adaptive"),
+                             n_units=32, batch_size=32, steps=30)  # q = 1: sigma of tens
+    assert small_eps.count_sigma == pytest.approx(1.2 * small_eps.sigma)
+    assert small_eps.count_sigma > 32 / 20
+    assert small_eps.grad_sigma == pytest.approx(small_eps.sigma / (1 - 1 / 2.4 ** 2) ** 0.5)
     tight = PrivacyConfig(enabled=True, target_epsilon=0.5, clipping="adaptive", count_noise=0.3)
     with pytest.raises(ValueError, match=r"privacy\.count_noise.*target_epsilon|"
                                          r"target_epsilon.*privacy\.count_noise"):

@@ -49,7 +49,8 @@ from torch import Tensor
 
 from dpalign.privacy.dp_sgd import Grads, clip_margin, clip_per_unit, per_unit_norms, scale_within
 
-COUNT_NOISE_FRACTION = 1 / 20  # sigma_b = expected batch / 20 when privacy.count_noise unset
+COUNT_NOISE_FRACTION = 1 / 20  # sigma_b >= expected batch / 20 when privacy.count_noise unset
+COUNT_TO_SIGMA = 1.2  # ... and >= 1.2 sigma: the gradient noise grows by at most ~10 %
 
 
 def clip_fixed(per_unit_grads: Grads, max_norm: float, gamma: float = 0.0
@@ -102,9 +103,14 @@ CLIPPING: dict[str, ClippingRule] = {
 }
 
 
-def default_count_noise(expected_batch: float) -> float:
-    """sigma_b when ``privacy.count_noise`` is unset: B / 20 (Andrew et al.'s suggestion)."""
-    return expected_batch * COUNT_NOISE_FRACTION
+def default_count_noise(expected_batch: float, sigma: float = 0.0) -> float:
+    """sigma_b when ``privacy.count_noise`` is unset: max(B / 20, 1.2 sigma).
+
+    B / 20 is Andrew et al.'s suggestion for their large batches and sigma ~ 1; at small B
+    and small epsilon (sigma of tens) it is far below sigma / 2 and no gradient noise
+    multiplier would exist. 1.2 sigma makes sigma_g = sigma / sqrt(1 - 1 / 2.4^2) = 1.10
+    sigma: the count costs the gradient at most ~10 % more noise."""
+    return max(expected_batch * COUNT_NOISE_FRACTION, COUNT_TO_SIGMA * sigma)
 
 
 def split_sigma(sigma: float, count_sigma: float) -> float:

@@ -43,8 +43,8 @@ class PrivacyConfig(Section):
                                                                 "gamma of unit norms C tracks")
     clip_lr: float = Field(0.2, gt=0, description="adaptive: eta_C of the geometric update")
     count_noise: float | None = Field(
-        None, gt=0, description="adaptive: sigma_b of the unclipped count (None: expected "
-                                "batch / 20); needs 2 sigma_b > sigma")
+        None, gt=0, description="adaptive: sigma_b of the unclipped count (None: max(expected "
+                                "batch / 20, 1.2 sigma)); needs 2 sigma_b > sigma")
     auto_gamma: float = Field(0.01, gt=0, description="automatic: gamma in C / (||g|| + gamma)")
     label_epsilon: float | None = Field(
         None, gt=0, description="randomized response on each pair's label (label-level DP, "

@@ -117,7 +117,7 @@ def plan_privacy(cfg: PrivacyConfig, n_units: int, batch_size: int, steps: int) 
     plan = PrivacyPlan(sigma, q, float(batch_size), n_units, steps)
     if CLIPPING[cfg.clipping].adapts:
         count = (cfg.count_noise if cfg.count_noise is not None
-                 else default_count_noise(float(batch_size)))
+                 else default_count_noise(float(batch_size), sigma))
         try:
             grad_sigma = split_sigma(sigma, count)
         except ValueError as err:

@@ -153,7 +153,7 @@ def study_page(study: StudyInput,
         verdicts=study_verdicts(cells, thresholds),
         rules=[*answer_rules(study.tune), *describe_rules(thresholds), diagnostic_rules()],
         figures=study_figures(study, cells),
-        tables=[points_table(cells), runs_table(study.runs)],
+        tables=[points_table(cells, study.points), runs_table(study.runs)],
         reproducibility=_study_blocks(study),
     )
 
