@@ -102,6 +102,7 @@ class Cell:
     k: int
     loss: str = "dpo"
     lr: float | None = None
+    settings: tuple[tuple[str, Any], ...] = ()
     n_runs: int = 0
     n_failed: int = 0
     stats: Mapping[str, Estimate] = field(default_factory=dict)
@@ -148,6 +149,14 @@ def _learning_rate(value: Any) -> float | None:
     return None if value is None or pd.isna(value) else float(value)
 
 
+def _settings(row: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The point's setting axes (dotted columns) besides the lr, in name order; a setting
+    the point does not have (NaN: e.g. ``privacy.*`` without DP) is left out."""
+    return tuple(sorted((key, value) for key, value in row.items()
+                        if "." in key and key != "optim.lr" and value is not None
+                        and not (isinstance(value, float) and math.isnan(value))))
+
+
 def _cell(row: Mapping[str, Any], runs: pd.DataFrame) -> Cell:
     """One :class:`Cell` from a points row and that point's finished runs. Indicator
     metrics are always computed from the runs; the others come from ``points.parquet`` when
@@ -159,7 +168,7 @@ def _cell(row: Mapping[str, Any], runs: pd.DataFrame) -> Cell:
     return Cell(point=str(row["point"]), mechanism=str(row["mechanism"]),
                 epsilon=float(row["epsilon_target"]), k=int(row["k"]),
                 loss=str(row.get("loss", "dpo")), lr=_learning_rate(row.get("lr")),
-                n_runs=int(row.get("n_runs", len(runs))),
+                settings=_settings(row), n_runs=int(row.get("n_runs", len(runs))),
                 n_failed=int(row.get("n_failed", 0) or 0), stats=stats)
 
 
@@ -205,56 +214,88 @@ def _varying(cells: Sequence[Cell], name: str) -> bool:
     return len({getattr(c, name) for c in cells}) > 1
 
 
+def _setting_text(key: str, value: Any) -> str:
+    return f"{key.rsplit('.', 1)[-1]}={value:g}" if isinstance(value, float) else \
+        f"{key.rsplit('.', 1)[-1]}={value}"
+
+
 def _label(group: Mapping[str, Any], shown: Iterable[str]) -> str:
-    """``DP-SGD, K=8``: the named coordinates of ``group``, in :data:`_FIELD_TEXT` order
-    (the mechanism is left out for non-private points: their epsilon says "no DP")."""
+    """``DP-SGD, K=8, clipping=adaptive``: the named coordinates of ``group``, in
+    :data:`_FIELD_TEXT` order, then the settings the study varies (the mechanism is left out
+    for non-private points: their epsilon says "no DP")."""
     shown = set(shown) - ({"mechanism"} if group.get("epsilon") == math.inf else set())
-    return ", ".join(_FIELD_TEXT[name](group[name]) for name in _FIELD_TEXT
-                     if name in shown and name in group)
+    fields = [_FIELD_TEXT[name](group[name]) for name in _FIELD_TEXT
+              if name in shown and name in group]
+    settings = [_setting_text(k, v) for k, v in group.get("settings", ()) if k in shown]
+    return ", ".join(fields + settings)
+
+
+def _varying_settings(cells: Sequence[Cell]) -> set[str]:
+    values: dict[str, set[Any]] = {}
+    for c in cells:
+        for key, value in c.settings:
+            values.setdefault(key, set()).add(value)
+    return {key for key, seen in values.items() if len(seen) > 1}
+
+
+def _public(settings: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Any], ...]:
+    """The settings a non-private point shares with a DP one (``privacy.*`` dropped)."""
+    return tuple((k, v) for k, v in settings if not k.startswith("privacy."))
 
 
 def _dp_mechanisms(cells: Sequence[Cell]) -> list[str]:
     return sorted({c.mechanism for c in cells if c.private}) or ["none"]
 
 
+def _family_key(f: tuple[str, float | None, int, tuple[tuple[str, Any], ...]]) -> tuple:
+    return (f[0], _lr_key(f[1]), f[2], [(k, str(v)) for k, v in f[3]])
+
+
 def epsilon_series(cells: Sequence[Cell]) -> list[Series]:
-    """One series per DP mechanism and (loss, lr, K): that mechanism's points plus the
-    non-private points of the same (loss, lr, K), ordered from no DP to the smallest epsilon.
-    Labels name K always and the mechanism, loss and lr when the study varies them."""
+    """One series per DP mechanism and (loss, lr, K, settings): that mechanism's points plus
+    the non-private points of the same (loss, lr, K) and non-privacy settings, ordered from
+    no DP to the smallest epsilon. Labels name K always and the mechanism, loss, lr and
+    settings when the study varies them."""
     dp_cells = [c for c in cells if c.private]
-    shown = {"k"} | {name for name in ("loss", "lr") if _varying(cells, name)}
+    shown = ({"k"} | {name for name in ("loss", "lr") if _varying(cells, name)}
+             | _varying_settings(cells))
     if len({c.mechanism for c in dp_cells}) > 1:
         shown.add("mechanism")
     out = []
     for mechanism in _dp_mechanisms(cells):
-        families = sorted({(c.loss, c.lr, c.k) for c in cells},
-                          key=lambda f: (f[0], _lr_key(f[1]), f[2]))
-        for loss, lr, k in families:
+        sources = [c for c in cells if c.mechanism == mechanism] or list(cells)
+        families = sorted({(c.loss, c.lr, c.k, c.settings) for c in sources}, key=_family_key)
+        for loss, lr, k, settings in families:
             members = [c for c in cells if (c.loss, c.lr, c.k) == (loss, lr, k)
-                       and (c.mechanism == mechanism or not c.private)]
+                       and ((c.mechanism == mechanism and c.settings == settings)
+                            or (not c.private and c.settings == _public(settings)))]
             if not members:
                 continue
-            group = {"mechanism": mechanism, "loss": loss, "lr": lr, "k": k}
+            group = {"mechanism": mechanism, "loss": loss, "lr": lr, "k": k,
+                     "settings": settings}
             ordered = tuple(sorted(members, key=lambda c: -c.epsilon))
             out.append(Series("epsilon", group, ordered, _label(group, shown)))
     return out
 
 
 def k_series(cells: Sequence[Cell]) -> list[Series]:
-    """One series per (mechanism, loss, lr, epsilon) over K, ordered by K. Labels name epsilon
-    always and the mechanism, loss and lr when the study varies them."""
-    shown = {"epsilon"} | {n for n in ("loss", "lr") if _varying(cells, n)}
+    """One series per (mechanism, loss, lr, epsilon, settings) over K, ordered by K. Labels
+    name epsilon always and the mechanism, loss, lr and settings when the study varies
+    them."""
+    shown = ({"epsilon"} | {n for n in ("loss", "lr") if _varying(cells, n)}
+             | _varying_settings(cells))
     if len({c.mechanism for c in cells if c.private}) > 1:
         shown.add("mechanism")
-    keys = sorted({(c.mechanism, c.loss, c.lr, c.epsilon) for c in cells},
+    keys = sorted({(c.mechanism, c.loss, c.lr, c.epsilon, c.settings) for c in cells},
                   key=lambda key: (key[0] != "none", key[0], key[1], _lr_key(key[2]),
-                                   -key[3]))
+                                   -key[3], [(k, str(v)) for k, v in key[4]]))
     out = []
-    for mechanism, loss, lr, epsilon in keys:
+    for mechanism, loss, lr, epsilon, settings in keys:
         members = sorted((c for c in cells
-                          if (c.mechanism, c.loss, c.lr, c.epsilon) == (mechanism, loss, lr,
-                                                                        epsilon)),
+                          if (c.mechanism, c.loss, c.lr, c.epsilon, c.settings)
+                          == (mechanism, loss, lr, epsilon, settings)),
                          key=lambda c: c.k)
-        group = {"mechanism": mechanism, "loss": loss, "lr": lr, "epsilon": epsilon}
+        group = {"mechanism": mechanism, "loss": loss, "lr": lr, "epsilon": epsilon,
+                 "settings": settings}
         out.append(Series("k", group, tuple(members), _label(group, shown)))
     return out
