@@ -170,3 +170,16 @@ def test_the_study_page_opens_with_the_answer_and_the_recommendation_table(
     assert "|Spearman ρ| ≥ 0.8" in unescape(verdict)
     repro = html.split('<section id="reproducibility">')[1]
     assert "Base model (base.json)" in repro and "final_val_reward_accuracy" in repro
+
+
+def test_precision_note_gives_counts_and_the_worst_half_width() -> None:
+    from dpalign.report.answer import precision_note
+
+    runs = pd.DataFrame({"final_pope_adversarial_n": [1082, 1082, float("nan")]})
+    config = {"base": {"eval": {"heldout_pairs": 512, "validation_fraction": 0.5}}}
+    note = precision_note(runs, config)
+    # 1.96 * sqrt(0.25 / 1082) = 0.02979
+    assert note == ("Evaluation sets: POPE-adversarial: 1082 questions per run (95% CI "
+                    "half-width at most 0.030 for any accuracy); held-out pairs: 256 "
+                    "validation (for tuning) and 256 test (reported).")
+    assert precision_note(pd.DataFrame({"x": [1]}), None) is None

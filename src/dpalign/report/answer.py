@@ -220,8 +220,10 @@ def _window_sentence(recs: Sequence[Recommendation], mechanism: str, loss: str,
     for k, s in swept:
         ends = [r for r in s if len(r.window.swept) > 1]
         first, last = ends[0], ends[-1]
-        parts.append(f"{_width_words(first.window)} at {format_epsilon(_eps(first))} and "
-                     f"{_width_words(last.window)} at {format_epsilon(_eps(last))} (K={k})")
+        at_last = ("" if last is first else
+                   f" and {_width_words(last.window)} at {format_epsilon(_eps(last))}")
+        parts.append(f"{_width_words(first.window)} at {format_epsilon(_eps(first))}"
+                     f"{at_last} (K={k})")
         t = trend([_eps(r) for r in ends], [_width_estimate(r.window) for r in ends],
                   thresholds)
         calls.append(t.kind)
@@ -449,3 +451,24 @@ def answer_rules(tune: TuneSettings = DEFAULT_TUNE) -> list[str]:
         f"at most {CLOSE_TO_NO_DP:g} below the tuned no-DP configuration's at the same K. "
         f"Seed dispersion: std over seeds (ddof=1) of each final figure.",
     ]
+
+
+def precision_note(runs: pd.DataFrame, config: Mapping[str, Any] | None) -> str | None:
+    """How precise one run's figures are: the POPE questions each run answers (the 95%
+    binomial CI half-width 1.96 sqrt(p (1 - p) / n) at its worst, p = 1/2) and the held-out
+    validation / test pair counts the study's config implies."""
+    parts = []
+    for split in ("adversarial", "random", "popular"):
+        column = f"final_pope_{split}_n"
+        counts = pd.to_numeric(runs.get(column, pd.Series(dtype=float)), errors="coerce").dropna()
+        if len(counts):
+            n = int(counts.min())
+            parts.append(f"POPE-{split}: {n} questions per run (95% CI half-width at most "
+                         f"{1.96 * math.sqrt(0.25 / n):.3f} for any accuracy)")
+    evaluation = ((config or {}).get("base") or {}).get("eval") or {}
+    pairs, fraction = evaluation.get("heldout_pairs"), evaluation.get("validation_fraction")
+    if pairs and fraction:
+        val = round(fraction * pairs)
+        parts.append(f"held-out pairs: {val} validation (for tuning) and {pairs - val} test "
+                     f"(reported)")
+    return ("Evaluation sets: " + "; ".join(parts) + ".") if parts else None

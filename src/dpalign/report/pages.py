@@ -12,7 +12,12 @@ import yaml
 
 from dpalign.diagnostics import Thresholds, diagnose_run_dir
 from dpalign.diagnostics.trends import VerdictThresholds
-from dpalign.report.answer import answer_rules, answer_sentences, recommendation_table
+from dpalign.report.answer import (
+    answer_rules,
+    answer_sentences,
+    precision_note,
+    recommendation_table,
+)
 from dpalign.report.fmt import format_number
 from dpalign.report.html import Block, Page
 from dpalign.report.load import ReportInputError, RunInput, StudyInput
@@ -148,7 +153,8 @@ def study_page(study: StudyInput,
         fold_verdicts=True,
         notes=("What does DP noise do to convergence stability in few-shot image-text "
                "alignment? The answer above and every sentence below are generated from the "
-               "grid's numbers.",),
+               "grid's numbers.",
+               *filter(None, [precision_note(study.runs, study.meta.get("config"))])),
         glance=glance_table(cells, thresholds),
         verdicts=study_verdicts(cells, thresholds),
         rules=[*answer_rules(study.tune), *describe_rules(thresholds), diagnostic_rules()],
