@@ -183,3 +183,19 @@ def test_precision_note_gives_counts_and_the_worst_half_width() -> None:
                     "half-width at most 0.030 for any accuracy); held-out pairs: 256 "
                     "validation (for tuning) and 256 test (reported).")
     assert precision_note(pd.DataFrame({"x": [1]}), None) is None
+
+
+def test_tuned_series_are_the_recommendations_test_figures() -> None:
+    """The answer's figure plots, per epsilon, the tuned (validation-chosen, lr 1e-3)
+    configuration's test held-out reward accuracy: TEST + the seed offsets' mean (0)."""
+    from dpalign.report.load import StudyInput
+    from dpalign.report.study_figures import tuned_series
+
+    runs = _runs()
+    study = StudyInput(path=Path("."), meta={}, runs=runs, points=pd.DataFrame(),
+                       logs={}, base=BASE)
+    (series,) = tuned_series(study)
+    assert series.label == "K=8" and [c.epsilon for c in series.cells] == [INF, 8.0, 2.0, 0.5]
+    for cell in series.cells:
+        assert cell.point.endswith("lr0.001")
+        assert cell.get("final_heldout_reward_accuracy").mean == pytest.approx(TEST[cell.epsilon])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -44,7 +45,7 @@ from dpalign.report.series import (
     epsilon_series,
     ok_runs,
 )
-from dpalign.study.analysis import CHANCE
+from dpalign.study.analysis import CHANCE, TEST_METRICS, recommendations
 
 __all__ = ["STUDY_FIGURES", "dp_signals", "privacy_utility", "stability_vs_epsilon",
            "study_figures", "training_curves"]
@@ -240,6 +241,47 @@ def privacy_utility(study: StudyInput, cells: Sequence[Cell]) -> FigureOut | Non
                      to_png(_metric_panels(series, keys, style, references)))
 
 
+def tuned_series(study: StudyInput) -> list[Series]:
+    """One series per (mechanism, K, loss): the tuned configuration of each epsilon (and
+    the tuned no-DP one), its cell holding the test figures (``TEST_METRICS``)."""
+    recs = recommendations(study.runs, study.tune, study.base)
+    cells: dict[tuple[Any, ...], list[Cell]] = {}
+    for rec in recs:
+        g = rec.tuned.group
+        cell = Cell(point=rec.tuned.point, mechanism=str(g["mechanism"]),
+                    epsilon=float(g["epsilon_target"]), k=int(g["k"]), loss=str(g["loss"]),
+                    stats=dict(rec.tuned.test))
+        cells.setdefault((int(g["k"]), str(g["loss"])), []).append(cell)
+    losses = {loss for _, loss in cells}
+    out = []
+    for (k, loss), members in sorted(cells.items()):
+        label = f"K={k}" + (f", {loss}" if len(losses) > 1 else "")
+        mechanism = next((c.mechanism for c in members if c.private), "none")
+        out.append(Series("epsilon", {"mechanism": mechanism, "k": k, "loss": loss, "lr": None},
+                          tuple(sorted(members, key=lambda c: -c.epsilon)), label))
+    return out
+
+
+def tuned_frontier(study: StudyInput, cells: Sequence[Cell]) -> FigureOut | None:
+    """The answer as a figure: the tuned configuration's TEST figures against epsilon, one
+    line per K (the recommendation table's rows)."""
+    del cells
+    series = tuned_series(study)
+    if not any(c.get(TEST_METRICS[0]).measured for s in series for c in s.cells):
+        return None
+    style = _styler(series, "k", _varying_field(series, "k"))
+    references = {TEST_METRICS[0]: (CHANCE, "chance (base model: all ties)")}
+    for key, name in zip(TEST_METRICS[1:], ("pope_adversarial_accuracy", "chair_s"),
+                         strict=True):
+        if isinstance(study.base.get(name), int | float):
+            references[key] = (float(study.base[name]), "base model (untrained)")
+    return FigureOut("tuned", "The tuned configuration at each ε (the answer)",
+                     "Per ε and K, the configuration chosen on the validation pairs: its test "
+                     "held-out reward accuracy, POPE-adversarial accuracy and CHAIR_s (mean and "
+                     "95% CI over its seeds); dotted: chance and the untrained base model.",
+                     to_png(_metric_panels(series, TEST_METRICS, style, references)))
+
+
 def _smooth(values: pd.Series) -> pd.Series:
     """Rolling mean over ~2% of the steps (at least 1) to show the trend of noisy signals."""
     window = max(1, len(values) // 50)
@@ -302,6 +344,7 @@ def _comparison(field: str, name: str, title: str, what: str
 
 
 STUDY_FIGURES: dict[str, Callable[[StudyInput, Sequence[Cell]], FigureOut | None]] = {
+    "tuned": tuned_frontier,
     "curves": training_curves,
     "stability": stability_vs_epsilon,
     "frontier": privacy_utility,
