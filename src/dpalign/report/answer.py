@@ -202,7 +202,7 @@ def window_text(window: LrWindow) -> str:
         return f"none stable (of {len(window.swept)})"
     if window.low == window.high:
         return f"{window.low:.0e} only (0 decades)"
-    return f"{window.low:.0e} – {window.high:.0e} ({window.width:.2g} decades)"
+    return f"{window.low:.0e} – {window.high:.0e} ({_decades(window.width)})"
 
 
 def _width_estimate(window: LrWindow) -> Estimate:
@@ -240,7 +240,11 @@ def _window_sentence(recs: Sequence[Recommendation], mechanism: str, loss: str,
 
 def _width_words(window: LrWindow) -> str:
     width = window.width
-    return "no stable lr" if width is None else f"{width:.2g} decades"
+    return "no stable lr" if width is None else _decades(width)
+
+
+def _decades(width: float) -> str:
+    return f"{width:.2g} decade{'' if f'{width:.2g}' == '1' else 's'}"
 
 
 def _collapse_sentence(runs: pd.DataFrame, recs: Sequence[Recommendation]) -> str | None:
