@@ -435,7 +435,8 @@ def calibrate_command(
 @app.command()
 def study(
     out: Annotated[Path, typer.Option(help="Study directory (runs/, runs.parquet, ...).")],
-    preset: Annotated[str | None, typer.Option(help="Packaged study: quickstart | full | answer.")] = None,
+    preset: Annotated[str | None, typer.Option(
+        help="Packaged study: quickstart | full | answer.")] = None,
     config: Annotated[Path | None, typer.Option(help="Study YAML (instead of --preset).")] = None,
     model: Annotated[str | None, typer.Option(
         help="Base model: a model folder, or a pretrain preset (tiny | smol) pretrained on the "
