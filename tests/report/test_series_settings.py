@@ -37,3 +37,23 @@ def test_each_clipping_mode_is_a_series_sharing_the_no_dp_point() -> None:
     assert sorted(s.label for s in by_k) == [
         "ε=2, clipping=adaptive", "ε=2, clipping=fixed", "ε=8, clipping=adaptive",
         "ε=8, clipping=fixed", "∞ (no DP)"]
+
+
+def test_a_per_mechanism_lr_override_keeps_the_no_dp_point_in_each_series() -> None:
+    """The quickstart's DP runs train at lr 5e-3 (the mechanism's override), its no-DP runs
+    at 5e-4: effective settings, not a grid axis, so each ε series still starts at no DP."""
+    rows = [{"point": f"dp-{eps}", "mechanism": "dp_sgd", "epsilon_target": eps, "k": 32,
+             "loss": "dpo", "lr": 5e-3, "optimizer": "adamw", "n_runs": 1}
+            for eps in (8.0, 2.0)]
+    rows.append({"point": "none", "mechanism": "none", "epsilon_target": math.inf, "k": 32,
+                 "loss": "dpo", "lr": 5e-4, "optimizer": "adamw", "n_runs": 1})
+    points = pd.DataFrame(rows)
+    runs = points.assign(run=points["point"] + "-s0", status="ok", seed=0)
+    (series,) = epsilon_series(cells_from_tables(points, runs))
+    assert [c.point for c in series.cells] == ["none", "dp-8.0", "dp-2.0"]
+    assert series.label == "K=32"
+    # a swept lr (grid.lr / grid.optim.lr: the optim.lr column) is a coordinate: the no-DP
+    # point at another lr is another configuration and does not join the DP series
+    swept = points.assign(**{"optim.lr": points["lr"]})
+    (series,) = epsilon_series(cells_from_tables(swept, runs))
+    assert [c.point for c in series.cells] == ["dp-8.0", "dp-2.0"]

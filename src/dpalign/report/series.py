@@ -149,6 +149,16 @@ def _learning_rate(value: Any) -> float | None:
     return None if value is None or pd.isna(value) else float(value)
 
 
+def _grid_lr(row: Mapping[str, Any]) -> float | None:
+    """The lr as a grid axis: the ``optim.lr`` column (``grid.lr`` or ``grid.optim.lr``);
+    None when the study does not sweep it. Tables that carry effective settings (an
+    ``optimizer`` column) hold the effective lr in ``lr``, which differs between mechanisms
+    by their overrides and is no axis; older tables hold the grid's lr there."""
+    if "optim.lr" in row:
+        return _learning_rate(row["optim.lr"])
+    return None if "optimizer" in row else _learning_rate(row.get("lr"))
+
+
 def _settings(row: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     """The point's setting axes (dotted columns) besides the lr, in name order; a setting
     the point does not have (NaN: e.g. ``privacy.*`` without DP) is left out."""
@@ -167,7 +177,7 @@ def _cell(row: Mapping[str, Any], runs: pd.DataFrame) -> Cell:
         stats[key] = from_row if from_row is not None else _estimate_from_runs(runs, metric)
     return Cell(point=str(row["point"]), mechanism=str(row["mechanism"]),
                 epsilon=float(row["epsilon_target"]), k=int(row["k"]),
-                loss=str(row.get("loss", "dpo")), lr=_learning_rate(row.get("lr")),
+                loss=str(row.get("loss", "dpo")), lr=_grid_lr(row),
                 settings=_settings(row), n_runs=int(row.get("n_runs", len(runs))),
                 n_failed=int(row.get("n_failed", 0) or 0), stats=stats)
 

@@ -74,9 +74,10 @@ class Point:
 
     def columns(self) -> dict[str, Any]:
         """The grid's columns of this run in the results table."""
+        lr = {} if self.lr is None else {"optim.lr": self.lr}  # the grid's lr axis
         return {"run": self.name, "point": self.point, "mechanism": self.mechanism,
                 "epsilon_target": self.epsilon, "k": self.k, "loss": self.loss,
-                "seed": self.seed, **dict(self.settings)}
+                "seed": self.seed, **lr, **dict(self.settings)}
 
 
 def normalise(mechanism: str, epsilon: float) -> tuple[str, float]:
