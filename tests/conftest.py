@@ -85,3 +85,19 @@ def crash_at(step: int) -> Callable[[dict[str, Any]], None]:
 def without_time(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Metrics rows without the wall-clock field, which no two runs share."""
     return [{k: v for k, v in r.items() if k != "step_seconds"} for r in rows]
+
+
+def loss_rows(values: list[float]) -> list[dict[str, Any]]:
+    """``metrics.jsonl`` rows (steps 1..n) holding only these losses."""
+    return [{"step": i + 1, "loss": v} for i, v in enumerate(values)]
+
+
+# The run the issue reported (configs/world_dp.yaml at lr 5e-4): 50 steps, loss 0.6931 ->
+# 0.6921 (linear), held-out margin 0.001 with accuracy at the target, POPE unchanged.
+STUCK_METRICS = loss_rows([0.6931 - 0.00002 * i for i in range(50)])
+STUCK_EVALS = [
+    {"step": 0, "heldout_reward_accuracy": 0.5, "heldout_reward_margin": 0.0,
+     "pope_adversarial_f1": 0.72, "pope_adversarial_yes_ratio": 0.48},
+    {"step": 50, "heldout_reward_accuracy": 0.7, "heldout_reward_margin": 0.001,
+     "pope_adversarial_f1": 0.72, "pope_adversarial_yes_ratio": 0.48},
+]

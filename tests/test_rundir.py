@@ -28,6 +28,7 @@ def test_study_dir_names_every_file(tmp_path: Path):
     assert (study.config, study.meta, study.runs_table, study.points_table) == (
         tmp_path / "study.yaml", tmp_path / "study.json", tmp_path / "runs.parquet",
         tmp_path / "points.parquet")
+    assert (study.base, study.halving) == (tmp_path / "base.json", tmp_path / "halving.json")
     assert study.run("a_s0") == RunDir(tmp_path / "runs" / "a_s0")
 
 

@@ -12,6 +12,7 @@ A training run (``dpalign train --out RUN``, DESIGN.md §4)::
 A study (``dpalign study --out STUDY``)::
 
     study.yaml  study.json  runs.parquet  points.parquet  runs/<run>/  (each a run directory)
+    base.json   the base model's figures      halving.json  successive halving's decision
 
 Writers build paths with :class:`RunDir` / :class:`StudyDir`; readers of finished runs
 (diagnostics, study tables, reports) use :meth:`RunDir.read_metrics`,
@@ -184,6 +185,14 @@ class StudyDir:
     @property
     def points_table(self) -> Path:
         return self.path / "points.parquet"
+
+    @property
+    def base(self) -> Path:
+        return self.path / "base.json"
+
+    @property
+    def halving(self) -> Path:
+        return self.path / "halving.json"
 
     @property
     def runs(self) -> Path:

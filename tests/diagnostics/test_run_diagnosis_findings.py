@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from conftest import STUCK_EVALS, STUCK_METRICS, loss_rows
 from dpalign.diagnostics import Thresholds, diagnose_run, ema
 from dpalign.diagnostics.run import (
     eval_peak,
@@ -18,23 +19,8 @@ from dpalign.diagnostics.run import (
     steps_to_target,
 )
 
-
-def _losses(values: list[float]) -> list[dict]:
-    return [{"step": i + 1, "loss": v} for i, v in enumerate(values)]
-
-
-# world_dp: 50 steps, loss 0.6931 -> 0.6921 (linear), held-out margin 0.001 with accuracy at
-# the target, POPE unchanged.
-STUCK_METRICS = _losses([0.6931 - 0.00002 * i for i in range(50)])
-STUCK_EVALS = [
-    {"step": 0, "heldout_reward_accuracy": 0.5, "heldout_reward_margin": 0.0,
-     "pope_adversarial_f1": 0.72, "pope_adversarial_yes_ratio": 0.48},
-    {"step": 50, "heldout_reward_accuracy": 0.7, "heldout_reward_margin": 0.001,
-     "pope_adversarial_f1": 0.72, "pope_adversarial_yes_ratio": 0.48},
-]
-
 # A healthy run: loss falls 0.693 -> ~0.4, margin grows, accuracy peaks at the end.
-HEALTHY_METRICS = _losses([0.6931 - 0.006 * i for i in range(50)])
+HEALTHY_METRICS = loss_rows([0.6931 - 0.006 * i for i in range(50)])
 HEALTHY_EVALS = [
     {"step": 0, "heldout_reward_accuracy": 0.5, "heldout_reward_margin": 0.0,
      "pope_adversarial_f1": 0.72, "pope_adversarial_yes_ratio": 0.48, "recall": 0.6},
@@ -97,9 +83,9 @@ def test_a_run_moves_when_either_sign_moves_and_only_measured_signs_count():
     assert movement(STUCK_METRICS, []).moved is False
     assert movement(HEALTHY_METRICS, []).moved is True
     # nothing measured (one loss, no evals): nothing says it did not move.
-    assert movement(_losses([0.69]), []).moved is True
+    assert movement(loss_rows([0.69]), []).moved is True
     # a loss that rose far did not stay put.
-    assert movement(_losses([0.69] * 5 + [5.0] * 5), STUCK_EVALS).moved is True
+    assert movement(loss_rows([0.69] * 5 + [5.0] * 5), STUCK_EVALS).moved is True
 
 
 def test_movement_floors_are_thresholds():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from conftest import STUCK_EVALS, STUCK_METRICS, loss_rows
 from dpalign.diagnostics import diagnose_run
 from dpalign.report.load import load_run
 from dpalign.report.pages import run_page
@@ -17,19 +18,7 @@ from dpalign.report.series import Cell
 from dpalign.report.tables import points_table, runs_table
 from dpalign.report.verdict import run_findings, run_summary
 
-
-def _losses(values: list[float]) -> list[dict]:
-    return [{"step": i + 1, "loss": v} for i, v in enumerate(values)]
-
-
-STUCK_METRICS = _losses([0.6931 - 0.00002 * i for i in range(50)])
-STUCK_EVALS = [
-    {"step": 0, "heldout_reward_accuracy": 0.5, "heldout_reward_margin": 0.0,
-     "pope_adversarial_f1": 0.72, "pope_adversarial_yes_ratio": 0.48},
-    {"step": 50, "heldout_reward_accuracy": 0.7, "heldout_reward_margin": 0.001,
-     "pope_adversarial_f1": 0.72, "pope_adversarial_yes_ratio": 0.48},
-]
-HEALTHY_METRICS = _losses([0.6931 - 0.006 * i for i in range(50)])
+HEALTHY_METRICS = loss_rows([0.6931 - 0.006 * i for i in range(50)])
 HEALTHY_EVALS = [
     {"step": 0, "heldout_reward_accuracy": 0.5, "heldout_reward_margin": 0.0},
     {"step": 25, "heldout_reward_accuracy": 0.8, "heldout_reward_margin": 0.2},

@@ -49,7 +49,16 @@ class Page:
     """Fold the per-metric verdict sentences into a ``<details>`` block."""
 
 
-_TEMPLATE = """<!doctype html>
+_TEMPLATE = """{% macro sortable(table) -%}
+<h3 id="table-{{ table.id }}">{{ table.title }}</h3>
+<p>{{ table.caption }}</p>
+<div class="scroll"><table class="sortable" id="{{ table.id }}">
+<thead><tr>{% for h in table.headers %}<th>{{ h }}</th>{% endfor %}</tr></thead>
+<tbody>{% for row in table.rows %}
+<tr>{% for c in row %}<td data-sort="{{ c.sort }}">{{ c.text }}</td>{% endfor %}</tr>
+{% endfor %}</tbody>
+</table></div>
+{% endmacro %}<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -96,16 +105,7 @@ dt { font-weight: 600; } dd { margin: 0; font-family: ui-monospace, monospace; }
 <p class="answer" id="answer">{{ page.answer | join(" ") }}</p>
 {% endif %}
 {% if page.recommendation %}
-{% set table = page.recommendation %}
-<h3 id="table-{{ table.id }}">{{ table.title }}</h3>
-<p>{{ table.caption }}</p>
-<div class="scroll"><table class="sortable" id="{{ table.id }}">
-<thead><tr>{% for h in table.headers %}<th>{{ h }}</th>{% endfor %}</tr></thead>
-<tbody>{% for row in table.rows %}
-<tr>{% for c in row %}<td data-sort="{{ c.sort }}">{{ c.text }}</td>{% endfor %}</tr>
-{% endfor %}</tbody>
-</table></div>
-{% endif %}
+{{ sortable(page.recommendation) }}{% endif %}
 {% for note in page.notes %}<p>{{ note }}</p>{% endfor %}
 {% if page.glance %}
 <h3>{{ page.glance.title }}</h3>
@@ -143,15 +143,7 @@ dt { font-weight: 600; } dd { margin: 0; font-family: ui-monospace, monospace; }
 <section id="tables">
 <h2>Tables</h2>
 {% for table in page.tables %}
-<h3 id="table-{{ table.id }}">{{ table.title }}</h3>
-<p>{{ table.caption }}</p>
-<div class="scroll"><table class="sortable" id="{{ table.id }}">
-<thead><tr>{% for h in table.headers %}<th>{{ h }}</th>{% endfor %}</tr></thead>
-<tbody>{% for row in table.rows %}
-<tr>{% for c in row %}<td data-sort="{{ c.sort }}">{{ c.text }}</td>{% endfor %}</tr>
-{% endfor %}</tbody>
-</table></div>
-{% endfor %}
+{{ sortable(table) }}{% endfor %}
 </section>
 
 <section id="reproducibility">

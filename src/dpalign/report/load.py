@@ -107,8 +107,6 @@ def _read_parquet(path: Path) -> pd.DataFrame:
         raise ReportInputError(f"{path}: cannot read ({exc})") from exc
 
 
-BASE_FILE = "base.json"
-
 
 def _base_figures(data: Any) -> dict[str, Any]:
     """``base.json``'s figures: its top-level entries that are not objects (the cache
@@ -130,7 +128,7 @@ def load_study(path: Path) -> StudyInput:
     points = _read_parquet(points_file) if points_file.exists() else points_table(runs)
     meta = _read_json(study.meta) or {}
     return StudyInput(path, meta, runs, points, _load_logs(path, runs),
-                      _base_figures(_read_json(path / BASE_FILE)))
+                      _base_figures(_read_json(study.base)))
 
 
 def load_run(path: Path) -> RunInput:

@@ -16,9 +16,9 @@ from typing import Any
 
 import pandas as pd
 
-from dpalign.diagnostics import summarize
 from dpalign.diagnostics.trends import Estimate
 from dpalign.report.fmt import format_epsilon
+from dpalign.study.analysis import estimate, ok_runs
 
 __all__ = [
     "GRID_FIELDS",
@@ -134,13 +134,7 @@ def _estimate_from_runs(runs: pd.DataFrame, metric: Metric) -> Estimate:
         values = pd.to_numeric(runs[metric.column], errors="coerce")
     else:
         return Estimate()
-    s = summarize(values.astype(float).to_numpy())
-    return Estimate(s["mean"], s["ci_low"], s["ci_high"], int(s["n"]))
-
-
-def ok_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """Runs that finished (``status == "ok"``; all runs when there is no status column)."""
-    return runs[runs["status"] == "ok"] if "status" in runs else runs
+    return estimate(values.astype(float).to_numpy())
 
 
 def _learning_rate(value: Any) -> float | None:

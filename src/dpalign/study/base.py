@@ -11,19 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from dpalign.io import atomic_write_json
-from dpalign.study.provenance import weights_hash
 from dpalign.train.config import TrainConfig
 
-BASE_FILE = "base.json"
 
-
-def evaluate_base(config: TrainConfig, path: Path) -> dict[str, Any] | None:
+def evaluate_base(config: TrainConfig, path: Path, weights_sha256: str | None
+                  ) -> dict[str, Any] | None:
     """POPE/CHAIR figures of ``config.model`` (keys as in a run's eval row) written to
-    ``path``; reused when ``path`` holds the figures of the same weights and settings.
-    None when the runs have no world to evaluate on."""
+    ``path``; reused when ``path`` holds the figures of the same weights (``weights_sha256``,
+    ``study.provenance.weights_hash``) and settings. None when the runs have no world to
+    evaluate on."""
     if config.world is None or config.eval.world is False:
         return None
-    key = {"weights_sha256": weights_hash(config.model),
+    key = {"weights_sha256": weights_sha256,
            "eval": config.eval.model_dump(mode="json", exclude={"every"}),
            "world": str(config.world)}
     if path.is_file():

@@ -16,16 +16,30 @@ import pandas as pd
 
 from dpalign.study.grid import Point
 
-GROUP = ("mechanism", "epsilon", "k", "loss")
 
-
-def _group(p: Point) -> tuple[str, float, int, str]:
-    return p.mechanism, p.epsilon, p.k, p.loss
+def _configurations(points: Sequence[Point]) -> dict[tuple[str, float, int, str], set[str]]:
+    """Each tuning group's configurations (grid point names without the seed)."""
+    groups: dict[tuple[str, float, int, str], set[str]] = {}
+    for p in points:
+        groups.setdefault((p.mechanism, p.epsilon, p.k, p.loss), set()).add(p.point)
+    return groups
 
 
 def kept_count(n_points: int, keep: float) -> int:
     """How many of a group's ``n_points`` configurations go on: ``ceil(keep n)``, >= 1."""
     return max(1, math.ceil(keep * n_points - 1e-9))
+
+
+def rungs(points: Sequence[Point], seeds: Sequence[int], first: int, keep: float
+          ) -> tuple[list[Point], list[Point], int]:
+    """The first rung (the runs of the first ``first`` of ``seeds``), the other runs, and
+    how many of those will run: ``kept_count`` configurations of each group, each with every
+    remaining seed."""
+    leading = set(seeds[:first])
+    rung1 = [p for p in points if p.seed in leading]
+    rest = [p for p in points if p.seed not in leading]
+    later = sum(kept_count(len(names), keep) for names in _configurations(rung1).values())
+    return rung1, rest, later * len(set(seeds) - leading)
 
 
 def promoted(points: Sequence[Point], runs: pd.DataFrame, metric: str, keep: float
@@ -37,11 +51,8 @@ def promoted(points: Sequence[Point], runs: pd.DataFrame, metric: str, keep: flo
     ok = runs[runs["status"] == "ok"]
     means = (ok.groupby("point")[metric].mean() if metric in ok.columns and len(ok)
              else pd.Series(dtype=float))
-    groups: dict[tuple[str, float, int, str], set[str]] = {}
-    for p in points:
-        groups.setdefault(_group(p), set()).add(p.point)
     kept: set[str] = set()
-    for names in groups.values():
+    for names in _configurations(points).values():
         def score(name: str) -> tuple[float, str]:
             value = float(means.get(name, math.nan))
             return (-value if math.isfinite(value) else math.inf, name)

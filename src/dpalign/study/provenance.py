@@ -84,11 +84,12 @@ def weights_hash(model_dir: Path) -> str | None:
 
 
 def write_provenance(path: Path, study: StudyConfig, command: list[str],
-                     config: TrainConfig) -> None:
-    """Write ``study.json`` (``config``: any run's config, for the model and accountant)."""
+                     config: TrainConfig, weights_sha256: str | None) -> None:
+    """Write ``study.json`` (``config``: any run's config, for the model and accountant;
+    ``weights_sha256``: its weights' :func:`weights_hash`)."""
     atomic_write_json(path, {
         "name": study.name, "command": command,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "git_revision": git_revision(), "versions": versions(), "machine": machine(),
-        "base_model": {"path": str(config.model), "weights_sha256": weights_hash(config.model)},
+        "base_model": {"path": str(config.model), "weights_sha256": weights_sha256},
         "accountant": config.privacy.accountant, "config": study.model_dump(mode="json")})

@@ -29,11 +29,11 @@ from dpalign.diagnostics import diagnose_run_dir
 from dpalign.io import atomic_write_json, atomic_write_text
 from dpalign.progress import make_progress
 from dpalign.rundir import StudyDir
-from dpalign.study.base import BASE_FILE, evaluate_base, read_base
+from dpalign.study.base import evaluate_base, read_base
 from dpalign.study.config import StudyConfig
 from dpalign.study.grid import Point, expand, train_config
-from dpalign.study.halving import kept_count, promoted
-from dpalign.study.provenance import write_provenance
+from dpalign.study.halving import promoted, rungs
+from dpalign.study.provenance import weights_hash, write_provenance
 from dpalign.study.runner import (
     BACKENDS,
     RunTask,
@@ -43,8 +43,6 @@ from dpalign.study.runner import (
 )
 from dpalign.study.store import points_table, runs_table, write_parquet
 from dpalign.train.config import TrainConfig
-
-HALVING_FILE = "halving.json"
 
 
 @dataclass(frozen=True)
@@ -83,15 +81,7 @@ def _rungs(study: StudyConfig, points: list[Point]) -> tuple[list[Point], list[P
     """Successive halving's first rung, the rest, and how many of the rest will run."""
     if study.halving is None:
         return points, [], 0
-    first = set(study.grid.seed[:study.halving.seeds])
-    rung1 = [p for p in points if p.seed in first]
-    rest = [p for p in points if p.seed not in first]
-    groups: dict[tuple[Any, ...], set[str]] = {}
-    for p in rung1:
-        groups.setdefault((p.mechanism, p.epsilon, p.k, p.loss), set()).add(p.point)
-    seeds_left = len(set(study.grid.seed) - first)
-    later = sum(kept_count(len(g), study.halving.keep) for g in groups.values()) * seeds_left
-    return rung1, rest, later
+    return rungs(points, study.grid.seed, study.halving.seeds, study.halving.keep)
 
 
 def run_study(study: StudyConfig, out: str | Path, *, backend: str = "local",
@@ -107,12 +97,13 @@ def run_study(study: StudyConfig, out: str | Path, *, backend: str = "local",
     configs = {p.name: train_config(study, p) for p in points}  # every error before any run
     _check_tuning(study, configs)
     _claim(out, study)
-    first_config = next(iter(configs.values()))
-    write_provenance(StudyDir(out).meta, study, command if command is not None else sys.argv,
-                     first_config)
-    evaluate_base(first_config, StudyDir(out).path / BASE_FILE)
-    workers = workers or study.workers
     study_dir = StudyDir(out)
+    first_config = next(iter(configs.values()))
+    digest = weights_hash(first_config.model)
+    write_provenance(study_dir.meta, study, command if command is not None else sys.argv,
+                     first_config, digest)
+    evaluate_base(first_config, study_dir.base, digest)
+    workers = workers or study.workers
 
     def tasks(todo: list[Point]) -> list[RunTask]:
         return [RunTask(p.name, configs[p.name].model_dump(mode="json"),
@@ -132,7 +123,7 @@ def run_study(study: StudyConfig, out: str | Path, *, backend: str = "local",
             table = runs_table(rung1, study_dir.runs, configs)
             kept = promoted(rung1, table, study.tune.metric, study.halving.keep)
             pruned = {p.name for p in rest if p.point not in kept}
-            atomic_write_json(study_dir.path / HALVING_FILE, {
+            atomic_write_json(study_dir.halving, {
                 "metric": study.tune.metric, "first_rung_seeds": sorted({p.seed for p in rung1}),
                 "keep": study.halving.keep, "promoted": sorted(kept),
                 "pruned_runs": sorted(pruned)})
@@ -156,7 +147,7 @@ def collect(out: Path, points: list[Point], configs: Mapping[str, TrainConfig],
     """Rebuild ``runs.parquet`` and ``points.parquet`` from the run directories (finished
     runs' diagnostics recomputed from their logs, so the tables follow today's rules)."""
     study_dir = StudyDir(out)
-    base = read_base(study_dir.path / BASE_FILE)
+    base = read_base(study_dir.base)
     for p in points:
         run = study_dir.run(p.name)
         if run.is_finished():
