@@ -17,7 +17,7 @@ PACKAGE = "dpalign"
 
 # Bottom to top: a module may import from its own layer or the layers below it.
 LAYERS = ("io", "world", "data", "models", "losses", "privacy", "eval", "train", "pretrain",
-          "diagnostics", "study", "report", "cli")
+          "diagnostics", "audit", "study", "report", "cli")
 # Modules whose layer is not their package's name (``dpalign.<package>...``): the top-level
 # utilities are the bottom layer.
 LAYER_OF = {

@@ -9,6 +9,12 @@ A training run (``dpalign train --out RUN``, DESIGN.md §4)::
     result.json          summary, written last (its presence means the run finished)
     error.json           why a study's run failed     diagnostics.json  its stability summary
 
+An audit (``dpalign audit --out RUN``) is a run directory with canaries besides::
+
+    audit/               settings.json, canaries.jsonl + images (input canaries),
+                         canaries.parquet (each canary's inclusion, score, guess), scores.png
+    audit.json           claimed epsilon vs the audit's lower bound, written last
+
 A study (``dpalign study --out STUDY``)::
 
     study.yaml  study.json  runs.parquet  points.parquet  runs/<run>/  (each a run directory)
@@ -129,6 +135,14 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.path / "audit"
+
+    @property
+    def audit(self) -> Path:
+        return self.path / "audit.json"
 
     @property
     def final(self) -> Path:

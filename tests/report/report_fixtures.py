@@ -151,3 +151,31 @@ def write_study(root: Path, recipe: Recipe, *, points_file: bool = True) -> Path
                                 "k": list(recipe.ks)}, "seeds": list(recipe.seeds)}}
     (root / "study.json").write_text(json.dumps(meta))
     return root
+
+
+def audit_record(claimed: float | None, bound: float, *, auc: float = 0.6,
+                 tpr: float = 0.03, canaries: int = 1000, kind: str = "gradient"
+                 ) -> dict[str, Any]:
+    """An ``audit.json`` as ``dpalign.audit.run.run_audit`` writes it (``claimed`` None:
+    infinite)."""
+    return {"kind": kind, "canaries": canaries, "included": canaries // 2,
+            "claimed_epsilon": claimed, "delta": 1e-5, "epsilon_lower_bound": bound,
+            "consistent": claimed is None or bound <= claimed, "k_plus": 10, "k_minus": 10,
+            "guesses": 20, "correct": 15, "candidates": 5, "level": 0.05, "auc": auc,
+            "tpr_at_1pct_fpr": tpr, "tpr_at_01pct_fpr": tpr / 5, "audited": "as configured",
+            "fault": None, "sample_rate": 1.0, "noise_multiplier": 4.0, "steps": 4,
+            "max_grad_norm": 1.0, "clipping": "fixed", "seed": 0, "canary_norm": 10.0,
+            "score": "sum over steps of the released noisy audit coordinate",
+            "wall_seconds": 1.0}
+
+
+def add_audits(root: Path, audits: dict[str, dict[str, Any]]) -> None:
+    """Give the runs of the study at ``root`` the ``audit.json`` in ``audits`` (by run name)
+    and their ``audit_*`` columns in ``runs.parquet``, as an audited study's store would."""
+    from dpalign.study.store import audit_columns
+
+    runs = pd.read_parquet(root / "runs.parquet")
+    for name, audit in audits.items():
+        (root / "runs" / name / "audit.json").write_text(json.dumps(audit))
+    rows = [{**r, **audit_columns(audits.get(r["run"]))} for r in runs.to_dict("records")]
+    pd.DataFrame(rows).to_parquet(root / "runs.parquet")

@@ -139,6 +139,7 @@ def plan_privacy(cfg: PrivacyConfig, n_units: int, batch_size: int, steps: int) 
 
 
 COUNT_STREAM = 1  # ``step_seed``'s stream of the adaptive-clipping count noise
+AUDIT_STREAM = 2  # ... and of the noise on an audit's gradient canaries (``dpalign.audit``)
 
 
 def step_seed(noise_seed: int, step: int, stream: int = 0) -> int:
@@ -175,16 +176,18 @@ def _step_generator(cfg: PrivacyConfig, step: int, stream: int = 0) -> torch.Gen
 
 
 def noisy_once(clipped: dict[str, torch.Tensor], plan: PrivacyPlan, cfg: PrivacyConfig,
-               step: int, max_norm: float | None = None) -> dict[str, torch.Tensor]:
+               step: int, max_norm: float | None = None, stream: int = 0
+               ) -> dict[str, torch.Tensor]:
     """The noisy mean ``{name: shape}`` of clipped units ``{name: (U, *shape)}``, noise
-    N(0, (grad_sigma C)^2) with C = ``max_norm`` (default ``privacy.max_grad_norm``); with
+    N(0, (grad_sigma C)^2) with C = ``max_norm`` (default ``privacy.max_grad_norm``) from
+    the step's generator ``stream`` (0: the gradient's; ``AUDIT_STREAM``); with
     several ranks, rank 0 draws the noise once and broadcasts the result, so every rank
     applies the same update (also with secure, unseeded noise)."""
     rank, world = rank_and_world()
     if rank == 0:
         noisy = noisy_mean(clipped, plan.gradient_sigma,
                            cfg.max_grad_norm if max_norm is None else max_norm,
-                           plan.expected_batch, _step_generator(cfg, step))
+                           plan.expected_batch, _step_generator(cfg, step, stream))
     else:
         noisy = {k: torch.empty_like(g[0]) for k, g in clipped.items()}
     if world > 1:

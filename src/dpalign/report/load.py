@@ -5,7 +5,8 @@ from ``runs.parquet`` with :func:`dpalign.study.store.points_table` when absent)
 ``runs/<run>/`` and optionally ``base.json`` (the untrained base model's figures under the
 final-eval keys without ``final_``, e.g. ``pope_adversarial_accuracy``, ``chair_s``,
 ``recall``); a run directory holds ``metrics.jsonl`` (plus ``config.yaml``,
-``env.json``, ``eval.jsonl``, ``privacy.json``, ``result.json`` when written).
+``env.json``, ``eval.jsonl``, ``privacy.json``, ``result.json`` when written, and
+``audit.json`` with ``audit/scores.png`` when the run was audited).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class StudyInput:
 
 @dataclass(frozen=True)
 class RunInput:
-    """One run directory's files (absent optional files are empty / ``None``)."""
+    """One run directory's files (absent optional files are empty / ``None``); ``audit``:
+    ``audit.json``, ``audit_scores``: the PNG bytes of ``audit/scores.png``."""
 
     path: Path
     metrics: pd.DataFrame
@@ -67,6 +69,8 @@ class RunInput:
     env: Mapping[str, Any]
     privacy: Mapping[str, Any] | None
     result: Mapping[str, Any] | None
+    audit: Mapping[str, Any] | None = None
+    audit_scores: bytes | None = None
 
 
 def _read_json(path: Path) -> Any:
@@ -139,9 +143,11 @@ def load_run(path: Path) -> RunInput:
         evals = run.read_evals()
     except RunDirError as exc:
         raise ReportInputError(str(exc)) from exc
+    scores = run.audit_dir / "scores.png"
     return RunInput(path, metrics, evals,
                     run.config.read_text(encoding="utf-8") if run.config.exists() else "",
-                    _read_json(run.env) or {}, _read_json(run.privacy), _read_json(run.result))
+                    _read_json(run.env) or {}, _read_json(run.privacy), _read_json(run.result),
+                    _read_json(run.audit), scores.read_bytes() if scores.is_file() else None)
 
 
 _KINDS: tuple[tuple[Callable[[Path], bool], Callable[[Path], StudyInput | RunInput]], ...] = (

@@ -18,6 +18,7 @@ from dpalign.report.answer import (
     precision_note,
     recommendation_table,
 )
+from dpalign.report.audit import audit_table, run_audit_table
 from dpalign.report.fmt import format_number
 from dpalign.report.html import Block, Page
 from dpalign.report.load import ReportInputError, RunInput, StudyInput
@@ -159,7 +160,8 @@ def study_page(study: StudyInput,
         verdicts=study_verdicts(cells, thresholds),
         rules=[*answer_rules(study.tune), *describe_rules(thresholds), diagnostic_rules()],
         figures=study_figures(study, cells),
-        tables=[points_table(cells, study.points), runs_table(study.runs)],
+        tables=[*filter(None, [audit_table(study.runs)]), points_table(cells, study.points),
+                runs_table(study.runs)],
         reproducibility=_study_blocks(study),
     )
 
@@ -219,6 +221,8 @@ def run_page(run: RunInput, thresholds: VerdictThresholds = VERDICT_DEFAULTS) ->
                               "Findings (did it move, over-optimise, answer one way), then "
                               "the stability summary and final/best/step-0 evaluation values.",
                               first | diagnostics)]
+    if run.audit is not None:
+        tables.append(run_audit_table(run.audit))
     if run.evals:
         tables.append(records_table("evals", "Evaluations",
                                     "One row per evaluation step (eval.jsonl).", run.evals))

@@ -1,5 +1,6 @@
 """The run page's figures: training curves and DP signals per step (with the same EMA the
-loss-volatility diagnostic smooths with), and the evaluations during training."""
+loss-volatility diagnostic smooths with), the evaluations during training, and an audited
+run's canary scores (``audit/scores.png``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 
 from dpalign.diagnostics import Thresholds, ema
+from dpalign.report.audit import run_audit_figure
 from dpalign.report.load import RunInput
 from dpalign.report.plot import (
     CURVES,
@@ -116,6 +118,7 @@ RUN_FIGURES: dict[str, Callable[[RunInput], FigureOut | None]] = {
     "curves": run_curves,
     "dp_signals": run_dp_signals,
     "evals": run_evals,
+    "audit_scores": run_audit_figure,
 }
 """Single-run figures in page order."""
 

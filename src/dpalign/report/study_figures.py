@@ -1,5 +1,6 @@
 """The study page's figures: training curves, stability and the privacy-utility frontier
-against epsilon, DP signals during training, and comparisons of mechanisms and losses.
+against epsilon, DP signals during training, comparisons of mechanisms and losses, and (audited
+studies) claimed vs audited epsilon.
 
 Every builder takes the loaded study and its cells and returns a
 :class:`~dpalign.report.plot.FigureOut` holding PNG bytes, or ``None`` when the study lacks
@@ -18,6 +19,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from dpalign.report.audit import claimed_vs_audited
 from dpalign.report.fmt import format_epsilon
 from dpalign.report.load import StudyInput
 from dpalign.report.plot import (
@@ -353,6 +355,7 @@ STUDY_FIGURES: dict[str, Callable[[StudyInput, Sequence[Cell]], FigureOut | None
                               "Privacy mechanisms compared"),
     "losses": _comparison("loss", "losses", "Alignment losses compared (e.g. DPO vs mDPO)",
                           "Losses compared"),
+    "audit": claimed_vs_audited,
 }
 """Study figures in page order; a builder returning ``None`` is left out."""
 

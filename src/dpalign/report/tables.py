@@ -136,7 +136,9 @@ def points_table(cells: Sequence[Cell], points: pd.DataFrame | None = None) -> T
 _RUN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("run", "run"), ("status", "status"), ("mechanism", "mechanism"),
     ("ε target", "epsilon_target"), ("K", "k"), ("seed", "seed"), ("loss", "loss"),
-    *SETTINGS, ("σ", "sigma"), ("ε spent", "epsilon"), ("steps run", "n_steps"),
+    *SETTINGS, ("σ", "sigma"), ("ε spent", "epsilon"),
+    ("audited ε ≥", "audit_epsilon_lower_bound"), ("audit AUC", "audit_auc"),
+    ("steps run", "n_steps"),
     ("diverged", "diverged"), ("diverged at", "diverged_step"), ("why", "diverged_reason"),
     ("moved", "moved"), ("over-optimised", "collapsed"), ("silenced", "silenced"),
     ("loss volatility", "loss_volatility"), ("steps to target", "steps_to_target"),

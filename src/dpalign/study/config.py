@@ -18,6 +18,8 @@ grid:
   sample_rate: [0.25, 1.0]   # expected batch as a fraction of K (train.batch_size = q K)
 overrides:                   # dotted keys applied per mechanism (e.g. DP wants a larger lr)
   dp_sgd: {optim.lr: 2.0e-3}
+audit: {kind: gradient}      # optional: train every run with canaries (dpalign.audit) and
+                             # bound its epsilon from below (audit.json per run)
 ```
 """
 
@@ -30,6 +32,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dpalign.audit.config import AuditConfig
 from dpalign.config import ConfigError, load_yaml_config
 
 Mechanism = Literal["none", "dp_sgd", "label_dp"]
@@ -130,7 +133,8 @@ class HalvingConfig(BaseModel):
 
 class StudyConfig(BaseModel):
     """What to run; ``base`` is a ``TrainConfig`` as a dict (model, world and data files are
-    filled in from ``model`` and ``world``)."""
+    filled in from ``model`` and ``world``). ``audit``: when set, every run is trained with
+    these canaries (``dpalign.audit.run.run_audit``) and writes ``audit.json`` besides."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -143,6 +147,7 @@ class StudyConfig(BaseModel):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     halving: HalvingConfig | None = None
     workers: int = Field(2, ge=1, description="runs at the same time (local backend)")
+    audit: AuditConfig | None = None
 
 
 def preset_path(name: str) -> Path:

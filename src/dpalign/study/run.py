@@ -8,7 +8,9 @@ Study directory layout:
     DIR/base.json         the base model's figures, evaluated as every run's end (reference)
     DIR/halving.json      with successive halving: the promoted points and pruned runs
     DIR/runs/<run>/       one training run directory each (dpalign.train.loop), plus
-                          diagnostics.json when finished, error.json when it failed
+                          diagnostics.json when finished, error.json when it failed; in an
+                          audited study (``audit:``) each is an audit (dpalign.audit.run):
+                          audit/ and audit.json besides
     DIR/runs.parquet      a row per run        (dpalign.study.store)
     DIR/points.parquet    a row per grid point (dpalign.study.store)
 """
@@ -24,6 +26,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from dpalign.audit.run import audited_config
 from dpalign.config import ConfigError
 from dpalign.diagnostics import diagnose_run_dir
 from dpalign.io import atomic_write_json, atomic_write_text
@@ -54,11 +57,21 @@ class StudyResult:
     skipped: int
 
 
+def _without_no_audit(data: dict[str, Any]) -> dict[str, Any]:
+    """A study's YAML data without ``audit: null`` (studies written before audits lack it)."""
+    return {k: v for k, v in data.items() if not (k == "audit" and v is None)}
+
+
+def _dumped(study: StudyConfig) -> dict[str, Any]:
+    """``study`` as the data of ``study.yaml``."""
+    return _without_no_audit(study.model_dump(mode="json"))
+
+
 def _claim(out: Path, study: StudyConfig) -> None:
     """Write ``study.yaml``, or check that a rerun is the same study."""
-    saved, wanted = StudyDir(out).config, study.model_dump(mode="json")
+    saved, wanted = StudyDir(out).config, _dumped(study)
     if saved.is_file():
-        if yaml.safe_load(saved.read_text()) != wanted:
+        if _without_no_audit(yaml.safe_load(saved.read_text())) != wanted:
             raise ConfigError(f"{out}: holds a different study ({saved}); use another --out "
                               "or the same config")
         return
@@ -96,6 +109,7 @@ def run_study(study: StudyConfig, out: str | Path, *, backend: str = "local",
     points = expand(study)
     configs = {p.name: train_config(study, p) for p in points}  # every error before any run
     _check_tuning(study, configs)
+    _check_audit(study, configs)
     _claim(out, study)
     study_dir = StudyDir(out)
     first_config = next(iter(configs.values()))
@@ -105,10 +119,12 @@ def run_study(study: StudyConfig, out: str | Path, *, backend: str = "local",
     evaluate_base(first_config, study_dir.base, digest)
     workers = workers or study.workers
 
+    audit = study.audit.model_dump(mode="json") if study.audit is not None else None
+
     def tasks(todo: list[Point]) -> list[RunTask]:
         return [RunTask(p.name, configs[p.name].model_dump(mode="json"),
-                        str(study_dir.run(p.name).path), threads_per_run(workers))
-                for p in todo if not is_finished(study_dir.run(p.name).path)]
+                        str(study_dir.run(p.name).path), threads_per_run(workers), audit)
+                for p in todo if not is_finished(study_dir.run(p.name).path, audit is not None)]
 
     rung1, rest, later = _rungs(study, points)
     first_tasks = tasks(rung1)
@@ -140,6 +156,18 @@ def _check_tuning(study: StudyConfig, configs: Mapping[str, TrainConfig]) -> Non
                                             for c in configs.values()):
         raise ConfigError(f"study {study.name!r}: tune.split=public needs base.eval.validation "
                           "(a public file of validation pairs)")
+
+
+def _check_audit(study: StudyConfig, configs: Mapping[str, TrainConfig]) -> None:
+    """An audited study's runs must be auditable (a DP run samples Poisson), checked before
+    any run starts."""
+    if study.audit is None:
+        return
+    for name, config in configs.items():
+        try:
+            audited_config(config)
+        except ValueError as exc:
+            raise ConfigError(f"study {study.name!r}, run {name}: {exc}") from exc
 
 
 def collect(out: Path, points: list[Point], configs: Mapping[str, TrainConfig],

@@ -1,10 +1,13 @@
 """Running a study's runs: one run directory per grid run, in parallel, resumable.
 
-A run is *finished* when its directory holds ``result.json``; rerunning a study skips
-those, resumes runs that have a ``config.yaml`` (from their last checkpoint; the ledger is
-in it) and starts the rest afresh. A run that raises, or whose worker process dies (killed,
-out of memory), is recorded in its ``error.json`` (the message, and the traceback when there
-is one) and the others go on; the next invocation tries it again.
+A run is *finished* when its directory holds ``result.json`` (and, in an audited study,
+``audit.json``); rerunning a study skips those, resumes runs that have a ``config.yaml``
+(and ``audit/settings.json`` when audited; from their last checkpoint; the ledger is in it)
+and starts the rest afresh. An audited study's task carries its ``AuditConfig`` as JSON data
+and the worker trains with ``dpalign.audit.run.run_audit`` instead of ``train``.
+A run that raises, or whose worker process dies (killed, out of memory), is recorded in its
+``error.json`` (the message, and the traceback when there is one) and the others go on; the
+next invocation tries it again.
 
 Backends (``BACKENDS``): ``local``, a process pool (spawned workers, each with
 ``cpu_count // workers`` torch threads), and ``ray`` (``ray.init()`` locally, or at
@@ -35,16 +38,43 @@ PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>
 
 @dataclass(frozen=True)
 class RunTask:
-    """What a worker needs: the run's name, its TrainConfig as JSON data, where to write."""
+    """What a worker needs: the run's name, its TrainConfig as JSON data, where to write,
+    and the study's ``AuditConfig`` as JSON data (``None``: a plain training run)."""
 
     name: str
     config: dict[str, Any]
     run_dir: str
     threads: int
+    audit: dict[str, Any] | None = None
 
 
-def is_finished(run_dir: Path) -> bool:
-    return RunDir(run_dir).is_finished()
+def is_finished(run_dir: Path, audited: bool = False) -> bool:
+    """Whether the run wrote ``result.json`` (and ``audit.json`` when ``audited``)."""
+    files = RunDir(run_dir)
+    return files.is_finished() and (not audited or files.audit.is_file())
+
+
+def can_resume(run_dir: Path, audited: bool = False) -> bool:
+    """Whether the run was started: ``config.yaml`` (and the audit's ``settings.json``)."""
+    files = RunDir(run_dir)
+    return files.config.is_file() and (not audited
+                                       or (files.audit_dir / "settings.json").is_file())
+
+
+def _train(task: RunTask, run_dir: Path, resume: bool) -> None:
+    """Train the task's run, with the study's canaries when it is audited."""
+    from dpalign.train.config import TrainConfig
+
+    cfg = TrainConfig.model_validate(task.config)
+    if task.audit is None:
+        from dpalign.train.loop import train
+
+        train(cfg, run_dir, resume=resume)
+        return
+    from dpalign.audit.config import AuditConfig
+    from dpalign.audit.run import run_audit
+
+    run_audit(cfg, run_dir, AuditConfig.model_validate(task.audit), resume=resume)
 
 
 def run_one(task: RunTask) -> dict[str, Any]:
@@ -61,15 +91,13 @@ def run_one(task: RunTask) -> dict[str, Any]:
         transformers.utils.logging.disable_progress_bar()  # the study's bar is the only one
         transformers.utils.logging.set_verbosity_error()
         from dpalign.diagnostics import diagnose_run_dir
-        from dpalign.train.config import TrainConfig
-        from dpalign.train.loop import train
 
         torch.set_num_threads(task.threads)
-        resume = files.config.is_file()
+        resume = can_resume(run_dir, task.audit is not None)
         if not resume and run_dir.exists():
             shutil.rmtree(run_dir)
         files.error.unlink(missing_ok=True)
-        train(TrainConfig.model_validate(task.config), run_dir, resume=resume)
+        _train(task, run_dir, resume)
         atomic_write_json(files.diagnostics, diagnose_run_dir(run_dir).as_dict())
         return {"run": task.name, "status": "ok", "error": None}
     except Exception as exc:  # one failed run must not stop the study

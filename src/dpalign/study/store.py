@@ -9,12 +9,17 @@ seed`` and one per setting axis, named by its dotted key), the run's effective s
 ``epsilon`` (spent: DP-SGD's accountant value; label-DP's label-level epsilon, a different
 guarantee; inf without noise), ``epsilon_kind`` (example | user | label | none),
 ``wall_seconds`` and every diagnostic of ``dpalign.diagnostics.RunDiagnostics.as_dict``
-(``final_pope_adversarial_accuracy``, ``loss_volatility``, ...).
+(``final_pope_adversarial_accuracy``, ``loss_volatility``, ...). Runs with ``audit.json`` (an
+audited study, ``dpalign.audit``) add :data:`AUDIT_COLUMNS` (``audit_claimed_epsilon``: inf
+where the claim is infinite, ``audit_epsilon_lower_bound``, ``audit_auc``, ...); NaN in the
+rows of runs without one, and absent when no run has one.
 
 ``points.parquet``: the grid and effective-setting columns without ``run``/``seed``,
 ``n_runs``, ``n_failed``, and
 ``dpalign.diagnostics.aggregate`` over the point's finished runs (``<x>_mean``, ``_std``,
-``_ci_low``, ``_ci_high``, ``_n``, ``divergence_rate``, ``converged_fraction``).
+``_ci_low``, ``_ci_high``, ``_n``, ``divergence_rate``, ``converged_fraction``), plus
+:data:`POINT_EXTRAS` where their column exists (``audit_epsilon_lower_bound_max``: the
+largest audited lower bound over the point's seeds).
 """
 
 from __future__ import annotations
@@ -52,6 +57,23 @@ def _privacy_columns(result: dict[str, Any]) -> dict[str, Any]:
     return {"sigma": math.nan, "epsilon": math.inf, "epsilon_kind": "none"}
 
 
+AUDIT_COLUMNS = {  # runs.parquet column -> audit.json key
+    "audit_claimed_epsilon": "claimed_epsilon", "audit_epsilon_lower_bound": "epsilon_lower_bound",
+    "audit_auc": "auc", "audit_tpr_at_1pct_fpr": "tpr_at_1pct_fpr",
+    "audit_consistent": "consistent", "audit_kind": "kind", "audit_canaries": "canaries",
+}
+
+
+def audit_columns(audit: dict[str, Any] | None) -> dict[str, Any]:
+    """The :data:`AUDIT_COLUMNS` of a run's ``audit.json`` (``{}`` without one); a claimed
+    epsilon of ``null`` (infinite: a non-private run audited as its DP-SGD limit) is inf."""
+    if audit is None:
+        return {}
+    row = {column: audit.get(key) for column, key in AUDIT_COLUMNS.items()}
+    claimed = row["audit_claimed_epsilon"]
+    return {**row, "audit_claimed_epsilon": math.inf if claimed is None else float(claimed)}
+
+
 def run_row(point: Point, run_dir: Path, config: TrainConfig, pruned: bool = False
             ) -> dict[str, Any]:
     """One row of ``runs.parquet`` from a run directory (finished, failed, pending, or
@@ -67,7 +89,8 @@ def run_row(point: Point, run_dir: Path, config: TrainConfig, pruned: bool = Fal
     diagnostics = _json(files.diagnostics) or {}
     return {**row, "status": "ok", **_privacy_columns(result),
             "wall_seconds": result.get("wall_seconds"), "stopped": result.get("stopped"),
-            **{k: v for k, v in diagnostics.items() if k != "epsilon"}}
+            **{k: v for k, v in diagnostics.items() if k != "epsilon"},
+            **audit_columns(_json(files.audit))}
 
 
 def runs_table(points: Sequence[Point], runs_dir: Path, configs: Mapping[str, TrainConfig],
@@ -84,6 +107,17 @@ def _setting_columns(runs: pd.DataFrame) -> list[str]:
             *(c for c in runs.columns if "." in c)]
 
 
+POINT_EXTRAS = {  # points.parquet column -> (runs.parquet column, reduction over seeds)
+    "audit_epsilon_lower_bound_max": ("audit_epsilon_lower_bound", "max"),
+}
+
+
+def _extras(ok: pd.DataFrame) -> dict[str, Any]:
+    """:data:`POINT_EXTRAS` of one point's finished runs (those whose column exists)."""
+    return {name: getattr(pd.to_numeric(ok[column], errors="coerce"), how)()
+            for name, (column, how) in POINT_EXTRAS.items() if column in ok}
+
+
 def points_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Aggregate the finished runs of each grid point over seeds."""
     rows = []
@@ -94,7 +128,7 @@ def points_table(runs: pd.DataFrame) -> pd.DataFrame:
                    and (pd.api.types.is_numeric_dtype(ok[c]) or pd.api.types.is_bool_dtype(ok[c]))]
         records = ok[numeric].to_dict("records")
         stats = aggregate(records, keys=numeric) if records else {}
-        rows.append({**{c: group.iloc[0][c] for c in carried}, **stats,
+        rows.append({**{c: group.iloc[0][c] for c in carried}, **stats, **_extras(ok),
                      "n_runs": len(ok), "n_failed": int((group["status"] == "failed").sum())})
     return pd.DataFrame(rows)
 

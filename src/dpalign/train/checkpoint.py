@@ -3,8 +3,9 @@
 Each checkpoint is a folder ``checkpoints/step_NNNNNN`` assembled under a temporary name and
 renamed into place, so a crash mid-write leaves the previous checkpoint intact. The loop
 state (``LoopState``: the loss's state, e.g. DAMA's running mean, and the privacy ledger)
-is saved with the step as the JSON object ``state.json``: everything needed for a resumed
-run to continue exactly where the interrupted one stopped.
+is saved with the step as the JSON object ``state.json`` (an audit's running canary scores,
+a tensor, as ``audit.safetensors``): everything needed for a resumed run to continue exactly
+where the interrupted one stopped.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from dpalign.io import atomic_directory, atomic_write_json
 from dpalign.rundir import CHECKPOINT_PREFIX, checkpoint_name
 from dpalign.train.state import LoopState
+
+AUDIT_FILE = "audit.safetensors"  # ``LoopState.audit`` of an audit run
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module,
         save_file(trainable_state(model), str(staging / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "torch_rng": torch.get_rng_state()}, staging / "optimizer.pt")
+        if state.audit is not None:
+            save_file({"audit": state.audit.contiguous()}, str(staging / AUDIT_FILE))
         atomic_write_json(staging / "state.json", {"step": step, **state.to_dict()})
     for old in sorted(folder.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
         shutil.rmtree(old)
@@ -57,7 +62,9 @@ def latest_checkpoint(folder: Path) -> Checkpoint | None:
     if not done:
         return None
     state = json.loads((done[-1] / "state.json").read_text())
-    return Checkpoint(int(state.pop("step")), LoopState.from_dict(state), done[-1])
+    audit = done[-1] / AUDIT_FILE
+    scores = load_file(str(audit))["audit"] if audit.is_file() else None
+    return Checkpoint(int(state.pop("step")), LoopState.from_dict(state, scores), done[-1])
 
 
 def restore(checkpoint: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -17,6 +17,17 @@ variance (grad_sigma C / B)^2 of the noise in the mean gradient, which DP-AdamBC
 
 Under ``torch.distributed`` every rank draws the same sample, takes every world-size-th unit
 and clips its units; the clipped sums are all-reduced and rank 0 adds the noise once.
+
+Audit canaries (``dpalign.audit``; ``canaries`` None in every other run) join the step as
+extra units: *input* canaries are extra pairs (indices past the training pairs) whose
+gradients come from the same engine and clipping as any pair; *gradient* canaries are Dirac
+units in an audit vector of their own (one coordinate each, no real gradient there), clipped
+by the run's rule and released with noise N(0, (grad_sigma C)^2) from the step's
+``AUDIT_STREAM``: the same mechanism as the weights' coordinates, drawn apart so that the
+weights' noise, and so the trained model, are those of the run without canaries. The
+released audit vector is summed into ``LoopState.audit`` (checkpointed). The clipping, the
+noise and the per-unit gradients are methods, so ``dpalign.audit.faults`` can break one
+at a time (test-only, unreachable from the CLI).
 """
 
 from __future__ import annotations
@@ -24,11 +35,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
+from dpalign.data.schema import PreferenceRecord
 from dpalign.losses.base import LossOut, PairLogps
 from dpalign.losses.objective import Objective
 from dpalign.models.pairs import EncodedPair
@@ -36,6 +48,7 @@ from dpalign.privacy.clipping import CLIPPING, next_clip_norm
 from dpalign.privacy.dp_sgd import empty_units, group_by_unit, step_diagnostics
 from dpalign.privacy.per_pair import Engine
 from dpalign.privacy.plan import (
+    AUDIT_STREAM,
     PrivacyPlan,
     all_reduce_units,
     noisy_count_once,
@@ -71,6 +84,35 @@ def noise_variance(sigma: float, clip_norm: float, expected_batch: float) -> flo
 
 
 @dataclass(frozen=True)
+class CanaryDraw:
+    """The audit canaries sampled for one step.
+
+    ``pairs``: the input canaries' units, each a list of indices into the canary records
+    (``Canaries.records``); ``dirac``: (U, k) the magnitudes of the k rows of each sampled
+    gradient canary (a unit's gradient is its rows summed: ``dirac.sum(1)`` times the unit
+    vector of its coordinate), ``coords``: (U,) those coordinates in the audit vector."""
+
+    pairs: list[list[int]] = field(default_factory=list)
+    dirac: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 1, dtype=torch.float64))
+    coords: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+
+class Canaries(Protocol):
+    """What a DP step needs of an audit's canaries (``dpalign.audit.canaries``).
+
+    ``records``: input canaries, encoded after the training pairs (empty for gradient
+    canaries); ``size``: the audit vector's length (0 for input canaries); ``draw(step, C)``
+    the canaries of batch ``step`` (1-based); ``dp_step``: the DP step class to run
+    (``DPStep``, or a deliberately broken one from ``dpalign.audit.faults`` in tests)."""
+
+    records: Sequence[PreferenceRecord]
+    size: int
+    dp_step: type[DPStep]
+
+    def draw(self, step: int, clip_norm: float) -> CanaryDraw: ...
+
+
+@dataclass(frozen=True)
 class DPStep:
     """The DP step: ``.grad`` of the trainable parameters set to the noisy clipped mean of
     the sampled ``units`` (pair indices of each privacy unit); ``total`` is the planned
@@ -85,29 +127,32 @@ class DPStep:
     plan: PrivacyPlan
     pad_id: int
     total: int
+    canaries: Canaries | None = None
 
     def __call__(self, step: int, state: LoopState) -> tuple[dict[str, Any], LoopState]:
         """Set ``.grad`` for batch ``step`` (1-based); the metrics row and the new state
         (one more step in its ledger). The per-pair gradients are taken
         ``train.micro_batch_size`` pairs at a time."""
         privacy = self.cfg.privacy
-        rule = CLIPPING[privacy.clipping]
         clip_norm = privacy.max_grad_norm if state.clip_norm is None else state.clip_norm
         sampled = self.plan.sample(privacy, self.cfg.train.seed, step)
-        grads, metrics = self._unit_grads(sampled)
-        clipped, norms = rule.clip(grads, clip_norm, privacy.auto_gamma)
+        draw = self.canaries.draw(step, clip_norm) if self.canaries else CanaryDraw()
+        grads, metrics = self._unit_grads(sampled, draw.pairs)
+        clipped, norms = self._clip(grads, clip_norm)
         if rank_and_world()[1] > 1:
             clipped, norms = all_reduce_units(clipped, norms)
-        noisy = noisy_once(clipped, self.plan, privacy, step, clip_norm)
+        noisy = self._noise(clipped, step, clip_norm)
         for name, param in self.engine.params.items():
             param.grad = noisy[name].to(param.dtype)
+        audit, dirac_norms = self._release_dirac(draw, step, clip_norm, state.audit)
         ledger = state.ledger.append(self.plan.entry(privacy))
         sigma = self.plan.gradient_sigma
         diag = step_diagnostics(clipped, norms, sigma, clip_norm, self.plan.expected_batch)
         adaptive: dict[str, float] = {}
         next_norm = state.clip_norm
-        if rule.adapts:
-            unclipped = noisy_count_once(norms, clip_norm, self.plan, privacy, step)
+        if CLIPPING[privacy.clipping].adapts:
+            unclipped = noisy_count_once(torch.cat([norms, dirac_norms]), clip_norm, self.plan,
+                                         privacy, step)
             next_norm = next_clip_norm(clip_norm, unclipped, privacy.target_quantile,
                                        privacy.clip_lr)
             adaptive = {"dp_unclipped_estimate": unclipped}
@@ -118,21 +163,65 @@ class DPStep:
                "dp_clip_norm": clip_norm, **adaptive,
                "dp_noise_variance": noise_variance(sigma, clip_norm, self.plan.expected_batch),
                "epsilon": spent_epsilon(ledger, privacy) if accounted else None}
-        return row, dataclasses.replace(state, ledger=ledger, clip_norm=next_norm)
+        if self.canaries:
+            row["audit_canaries"] = len(draw.pairs) + len(draw.coords)
+        return row, dataclasses.replace(state, ledger=ledger, clip_norm=next_norm, audit=audit)
 
-    def _unit_grads(self, sampled: list[int]
+    def _clip(self, grads: dict[str, torch.Tensor], clip_norm: float
+              ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The run's clipping rule on units ``{name: (U, *shape)}``: clipped, norms (U,)."""
+        return CLIPPING[self.cfg.privacy.clipping].clip(grads, clip_norm,
+                                                        self.cfg.privacy.auto_gamma)
+
+    def _noise(self, clipped: dict[str, torch.Tensor], step: int, clip_norm: float,
+               stream: int = 0) -> dict[str, torch.Tensor]:
+        """The noisy mean ``{name: shape}`` of clipped units ``{name: (U, *shape)}``: noise
+        N(0, (grad_sigma C)^2) per coordinate from the step's generator ``stream``."""
+        return noisy_once(clipped, self.plan, self.cfg.privacy, step, clip_norm, stream)
+
+    def _dirac_units(self, draw: CanaryDraw) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradient canaries as units: (N,) magnitudes and (N,) coordinates, one unit
+        per canary (its rows summed)."""
+        return draw.dirac.sum(dim=1), draw.coords
+
+    def _release_dirac(self, draw: CanaryDraw, step: int, clip_norm: float,
+                       audit: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Clip the gradient canaries with the run's rule, sum them into the audit vector,
+        add the step's audit noise and add the release to ``audit`` (float64, (size,)).
+        A Dirac unit a e_i is clipped as the one-coordinate unit (a,): its norm is |a|, so
+        the rule sees exactly the norm of the full vector. Returns the new running sum (None
+        without gradient canaries) and the canaries' pre-clip norms (N,)."""
+        size = self.canaries.size if self.canaries else 0
+        if not size:
+            return audit, torch.zeros(0, dtype=torch.float64)
+        values, coords = self._dirac_units(draw)
+        clipped, norms = self._clip({"audit": values.view(-1, 1).float()}, clip_norm)
+        total = torch.zeros(1, size).index_add_(1, coords, clipped["audit"].view(1, -1))
+        released = self._noise({"audit": total}, step, clip_norm, AUDIT_STREAM)["audit"]
+        start = torch.zeros(size, dtype=torch.float64) if audit is None else audit
+        return start + released.double(), norms
+
+    def _unit_grads(self, sampled: list[int], canary_units: list[list[int]] | None = None
                     ) -> tuple[dict[str, torch.Tensor], dict[str, float | None]]:
         """This rank's share of the sampled units (data parallel: every world-size-th):
         their gradients ``{name: (U, *shape)}`` (U pairs, or U users when the unit is the
-        user) and the loss metrics of their pairs (``loss`` None when there are none)."""
+        user) and the loss metrics of their pairs (``loss`` None when there are none).
+        ``canary_units`` (input canaries, indices into the canary records, which follow the
+        training pairs) join after them; the metrics are of the training pairs alone."""
         rank, world = rank_and_world()
-        mine = sampled[rank::world]
-        idx = [i for u in mine for i in self.units[u]]
+        mine = [self.units[u] for u in sampled[rank::world]]
+        offset = len(self.pairs) - len(self.canaries.records) if self.canaries else 0
+        canaries = [[offset + i for i in unit] for unit in (canary_units or [])]
+        groups = mine + canaries
+        idx = [i for unit in groups for i in unit]
         if not idx:
             return empty_units(self.engine.params), {"loss": None}
         grads, out = chunked_grads(self.engine, self.pairs, idx, self.ref, self.objective,
                                    self.pad_id, self.cfg.train.micro_batch_size)
-        if self.cfg.privacy.unit == "user":
-            grads, _ = group_by_unit(grads, [u for u in mine for _ in self.units[u]])
-        return grads, {"loss": float(out.per_example.mean()),
-                       **{k: float(v.float().mean()) for k, v in out.metrics.items()}}
+        if self.cfg.privacy.unit == "user" or any(len(unit) > 1 for unit in canaries):
+            grads, _ = group_by_unit(grads, [u for u, unit in enumerate(groups) for _ in unit])
+        real = sum(len(unit) for unit in mine)
+        if not real:
+            return grads, {"loss": None}
+        return grads, {"loss": float(out.per_example[:real].mean()),
+                       **{k: float(v[:real].float().mean()) for k, v in out.metrics.items()}}

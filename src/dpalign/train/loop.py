@@ -62,7 +62,7 @@ from dpalign.train.checks import (
     length_limit,
 )
 from dpalign.train.config import TrainConfig
-from dpalign.train.dp_step import DPStep
+from dpalign.train.dp_step import Canaries, DPStep
 from dpalign.train.optim import build_optimizer, set_noise_variance
 from dpalign.train.reference import cached_reference, compute_reference
 from dpalign.train.state import GradStep, LoopState
@@ -97,9 +97,10 @@ def _same_config(saved: Any, cfg: TrainConfig) -> bool:
         return False
 
 
-def _check_dir(out: Path, cfg: TrainConfig, resume: bool) -> None:
-    """Refuse a resume of no run or of another config, and a fresh start into a non-empty
-    directory; writes nothing."""
+def _check_dir(out: Path, cfg: TrainConfig, resume: bool, allowed: frozenset[str] = frozenset()
+               ) -> None:
+    """Refuse a resume of no run or of another config, and a fresh start into a directory
+    holding anything but the entries ``allowed`` (an audit's canaries); writes nothing."""
     saved = RunDir(out).config
     if resume:
         if not saved.is_file():
@@ -107,7 +108,7 @@ def _check_dir(out: Path, cfg: TrainConfig, resume: bool) -> None:
         if not _same_config(yaml.safe_load(saved.read_text()), cfg):
             raise RunDirError(f"{out}: --resume with a config that differs from the run's "
                               f"{saved}; resume with the same config")
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(p.name not in allowed for p in out.iterdir()):
         raise RunDirError(f"{out}: not empty; pass --resume to continue it or choose another "
                           "--out")
 
@@ -286,20 +287,28 @@ def initial_state() -> LoopState:
 
 def build_grad_step(cfg: TrainConfig, model: torch.nn.Module, pairs: list[EncodedPair],
                     ref: PairLogps, objective: Objective, pad_id: int, units: list[list[int]],
-                    plan: PrivacyPlan | None, total: int) -> GradStep:
+                    plan: PrivacyPlan | None, total: int,
+                    canaries: Canaries | None = None) -> GradStep:
     """The run's gradient step over the parameters of ``model`` that require grad: the DP
-    step when ``plan`` is set (its per-pair engine ``privacy.engine``), else the plain one."""
+    step when ``plan`` is set (its per-pair engine ``privacy.engine``; with an audit's
+    ``canaries``, their ``dp_step`` class fed with them), else the plain one."""
     named = {k: p for k, p in model.named_parameters() if p.requires_grad}
     if plan is None:
+        if canaries is not None:
+            raise ValueError("audit canaries need a DP run (privacy.enabled: true)")
         return PlainStep(cfg, model, pairs, ref, objective, list(named.values()), pad_id)
-    return DPStep(cfg, make_engine(cfg.privacy.engine, model, named), pairs, ref, objective,
-                  units, plan, pad_id, total)
+    step_type = DPStep if canaries is None else canaries.dp_step
+    return step_type(cfg, make_engine(cfg.privacy.engine, model, named), pairs, ref, objective,
+                     units, plan, pad_id, total, canaries)
 
 
-def prepare(cfg: TrainConfig, out: Path, data: RunData | None = None) -> Session:
+def prepare(cfg: TrainConfig, out: Path, data: RunData | None = None,
+            canaries: Canaries | None = None) -> Session:
     """Load the model and data (``data``: from ``check_run``, read now when None), refuse
     over-long pairs, cache reference log-probs in ``out/reference``, add LoRA and build the
-    optimizer: everything before the first step."""
+    optimizer: everything before the first step. An audit's input ``canaries`` are encoded
+    after the training pairs (their reference log-probs cached with them); they are no
+    privacy unit of the plan (``data.units``), only the DP step's canary draws use them."""
     data = data if data is not None else check_run(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -311,7 +320,8 @@ def prepare(cfg: TrainConfig, out: Path, data: RunData | None = None) -> Session
     pad_id = processor.tokenizer.pad_token_id  # type: ignore[attr-defined]
     objective = Objective.from_config(cfg.loss)
     with_corrupt = objective.spec.needs_corrupt
-    pairs = encode_pairs(data.records, processor,
+    extra = list(canaries.records) if canaries is not None else []
+    pairs = encode_pairs(data.records + extra, processor,
                          corrupt_seed=cfg.data.seed if with_corrupt else None,
                          hardness_field=cfg.data.hardness_field)
     _check_inputs(cfg, objective, pairs)
@@ -335,22 +345,24 @@ def prepare(cfg: TrainConfig, out: Path, data: RunData | None = None) -> Session
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, schedule = build_optimizer(params, cfg.optim, data.total)
     grad_step = build_grad_step(cfg, model, pairs, ref, objective, pad_id, data.units,
-                                data.plan, data.total)
+                                data.plan, data.total, canaries)
     return Session(cfg, model, processor, pairs, ref, objective, optimizer, schedule, params,
                    Evaluator(cfg, processor, parts, pad_id), pad_id, data.total,
                    data.units, data.plan, grad_step)
 
 
-def _open_run(cfg: TrainConfig, out: Path, resume: bool) -> Session:
+def _open_run(cfg: TrainConfig, out: Path, resume: bool,
+              canaries: Canaries | None = None) -> Session:
     """Check the data, settings and directory, then start (or reopen) ``out`` and prepare
     the run; a failed fresh start leaves ``out`` as it was found."""
     data = check_run(cfg)
-    _check_dir(out, cfg, resume)
+    _check_dir(out, cfg, resume,
+               frozenset({RunDir(out).audit_dir.name}) if canaries else frozenset())
     if resume:
-        return prepare(cfg, out, data)
+        return prepare(cfg, out, data, canaries)
     with _undone_on_failure(out):
         _start_dir(out, cfg)
-        return prepare(cfg, out, data)
+        return prepare(cfg, out, data, canaries)
 
 
 def _evaluate(run: Session, out: Path, evaluations: list[dict[str, Any]], step: int,
@@ -408,11 +420,12 @@ def _privacy_summary(run: Session, state: LoopState, taken: int) -> dict[str, An
 
 
 def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
-          on_step: StepHook | None = None) -> TrainResult:
-    """Train ``cfg.model`` on the preference pairs of ``cfg.data``; see the module doc."""
+          on_step: StepHook | None = None, canaries: Canaries | None = None) -> TrainResult:
+    """Train ``cfg.model`` on the preference pairs of ``cfg.data``; see the module doc.
+    ``canaries``: an audit's (``dpalign.audit.run``), None in every other run."""
     out = _rank_dir(Path(out), cfg)
     started = time.perf_counter()
-    run = _open_run(cfg, out, resume)
+    run = _open_run(cfg, out, resume, canaries)
     model, total = run.model, run.total
     state = initial_state()
     run_dir = RunDir(out)
@@ -438,7 +451,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
     wall = time.perf_counter() - started
     final = history[-1] if history else {}
     atomic_write_json(run_dir.result, {
-        "steps": taken, "planned_steps": total, "n_pairs": len(run.pairs),
+        "steps": taken, "planned_steps": total, "n_pairs": sum(len(unit) for unit in run.units),
         "final_step": final, "evaluations": evaluations,
         "privacy": _privacy_summary(run, state, taken), "stopped": stopped,
         "wall_seconds": round(wall, 2)})
