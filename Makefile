@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 WORK    ?= runs/demo
 
-.PHONY: setup demo answer test test-kernels lint clean
+.PHONY: setup demo answer audit-table test test-kernels lint clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,13 @@ answer: setup
 	$(BIN)/dpalign report $(ANSWER)/study --out $(RESULTS)/report.html
 	cp $(ANSWER)/study/runs.parquet $(ANSWER)/study/points.parquet $(ANSWER)/study/study.json \
 	  $(ANSWER)/study/base.json $(ANSWER)/study/halving.json $(RESULTS)/
+
+# The audit figures of the README (docs/results/audit-tiny/): after `make demo`, one-run audits
+# of configs/world_dp.yaml at epsilon 8, 2, 1 and of the non-private configs/world_dpo.yaml,
+# gradient and input canaries (8 audits, ~2.5 min each on 2 cores), then the broken DP steps.
+audit-table: setup
+	bash docs/results/audit-tiny/run.sh
+	$(BIN)/python docs/results/audit-tiny/faults.py
 
 test: setup
 	$(BIN)/ruff check .

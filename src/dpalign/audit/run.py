@@ -213,15 +213,14 @@ def _score(cfg: TrainConfig, audit: AuditConfig, run_dir: RunDir, canaries: Cana
            steps: int, audited: str, fault: str | None, started: float) -> dict[str, Any]:
     """Score the canaries of the finished run ``cfg`` (the audited config), bound epsilon,
     write ``audit/canaries.parquet``, ``audit/scores.png`` and, last, ``audit.json``."""
-    plan = check_run(cfg).plan
-    assert plan is not None
+    privacy_run = json.loads(run_dir.result.read_text())["privacy"]
     included: np.ndarray = canaries.included  # type: ignore[attr-defined]
     scores = (gradient_scores(run_dir) if audit.kind == "gradient"
               else input_scores(cfg, run_dir, canaries))  # type: ignore[arg-type]
     bound = one_run_bound(scores, included, cfg.privacy.delta, audit.level)
     mia = membership_inference(scores, included)
-    claimed = (json.loads(run_dir.result.read_text())["privacy"] or {}).get("epsilon")
-    claimed = None if claimed is None or not math.isfinite(claimed) else claimed
+    claimed = privacy_run["epsilon"]
+    claimed = None if not math.isfinite(claimed) else claimed
     _write_table(run_dir.audit_dir / "canaries.parquet", scores, included,
                  guesses(scores, bound.k_plus, bound.k_minus))
     atomic_write_bytes(run_dir.audit_dir / "scores.png",
@@ -233,8 +232,8 @@ def _score(cfg: TrainConfig, audit: AuditConfig, run_dir: RunDir, canaries: Cana
         "epsilon_lower_bound": bound.epsilon,
         "consistent": claimed is None or bound.epsilon <= claimed,
         **{k: v for k, v in bound.as_dict().items() if k != "epsilon"}, **mia.as_dict(),
-        "audited": audited, "fault": fault, "sample_rate": plan.sample_rate,
-        "noise_multiplier": plan.sigma, "steps": steps,
+        "audited": audited, "fault": fault, "sample_rate": privacy_run["sample_rate"],
+        "noise_multiplier": privacy_run["sigma"], "steps": steps,
         "max_grad_norm": privacy.max_grad_norm if math.isfinite(privacy.max_grad_norm) else None,
         "clipping": privacy.clipping, "seed": audit.seed,
         "canary_norm": audit.canary_norm if audit.kind == "gradient" else None,

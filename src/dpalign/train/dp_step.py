@@ -24,7 +24,8 @@ gradients come from the same engine and clipping as any pair; *gradient* canarie
 units in an audit vector of their own (one coordinate each, no real gradient there), clipped
 by the run's rule and released with noise N(0, (grad_sigma C)^2) from the step's
 ``AUDIT_STREAM``: the same mechanism as the weights' coordinates, drawn apart so that the
-weights' noise, and so the trained model, are those of the run without canaries. The
+weights' noise, and so the trained model, are those of the run without canaries (adaptive
+clipping counts them among the unclipped units like any unit, so there C_t moves). The
 released audit vector is summed into ``LoopState.audit`` (checkpointed). The clipping, the
 noise and the per-unit gradients are methods, so ``dpalign.audit.faults`` can break one
 at a time (test-only, unreachable from the CLI).
