@@ -219,7 +219,7 @@ class DPStep:
             return empty_units(self.engine.params), {"loss": None}
         grads, out = chunked_grads(self.engine, self.pairs, idx, self.ref, self.objective,
                                    self.pad_id, self.cfg.train.micro_batch_size)
-        if self.cfg.privacy.unit == "user" or any(len(unit) > 1 for unit in canaries):
+        if any(len(unit) > 1 for unit in groups):  # users with several pairs: sum them
             grads, _ = group_by_unit(grads, [u for u, unit in enumerate(groups) for _ in unit])
         real = sum(len(unit) for unit in mine)
         if not real:
