@@ -191,7 +191,9 @@ def preference_split(rng: np.random.Generator, cfg: WorldConfig, name: str, n: i
             "id": f"{name}-{i:05d}", "images": [_image(stem)], "prompt": prompt,
             "chosen": chosen, "rejected": rejected,
             "metadata": {"error_kind": error, "hardness": hardness, "hardness_score": score,
-                         "task": kind, "objects": list(scenes[stem].categories)},
+                         "task": kind, "objects": list(scenes[stem].categories),
+                         "colours": [o.colour for o in sorted(scenes[stem].objects,
+                                                                key=lambda o: o.cell)]},
         })
     for row, user in zip(rows, _assign_users(rng, cfg, n, name), strict=True):
         row["metadata"]["user_id"] = user  # type: ignore[index]
