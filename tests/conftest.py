@@ -84,7 +84,8 @@ def crash_at(step: int) -> Callable[[dict[str, Any]], None]:
 
 def without_time(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Metrics rows without the wall-clock field, which no two runs share."""
-    return [{k: v for k, v in r.items() if k != "step_seconds"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("step_seconds", "online_seconds")}
+            for r in rows]
 
 
 def loss_rows(values: list[float]) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,9 +48,10 @@ class RowObjective(Objective):
 class SeparateRows(DPStep):
     """Rows, not pairs, as the clipped units (see the module doc; example-level units)."""
 
-    def _unit_grads(self, sampled: list[int], canary_units: list[list[int]] | None = None
-                    ) -> tuple[dict[str, Tensor], dict[str, float | None]]:
-        _, metrics = super()._unit_grads(sampled, canary_units)
+    def _unit_grads(self, step: int, sampled: list[int],
+                    canary_units: list[list[int]] | None = None
+                    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        _, metrics = super()._unit_grads(step, sampled, canary_units)
         offset = len(self.pairs) - len(self.canaries.records) if self.canaries else 0
         idx = [i for u in sampled for i in self.units[u]]
         idx += [offset + i for unit in (canary_units or []) for i in unit]

@@ -17,8 +17,10 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from dpalign.config import Section
+from dpalign.losses import LOSSES
 from dpalign.losses.config import LossConfig
 from dpalign.models.lora import LoraConfig
+from dpalign.online.config import METHODS, BDHSConfig, OnlineConfig
 from dpalign.privacy.config import PrivacyConfig
 from dpalign.train.optim import OptimConfig
 
@@ -109,6 +111,31 @@ class TrainConfig(Section):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    method: Literal[METHODS] = Field(  # type: ignore[valid-type]
+        "offline", description="where pairs come from: offline (the file's chosen/rejected), "
+                               "online (sampled from the policy each step, ranked by "
+                               "online.judge), mixed (online.offline_fraction of them "
+                               "offline), bdhs (the file's chosen vs a BDHS rejection made "
+                               "by the base model before training)")
+    online: OnlineConfig = OnlineConfig()
+    bdhs: BDHSConfig = BDHSConfig()
+
+    @model_validator(mode="after")
+    def _generated_pairs(self) -> TrainConfig:
+        """Online and mixed DPO take the reference from the policy with its adapters off
+        and make pairs without a hardness score or a batch context (DAMA)."""
+        if self.method not in ("online", "mixed"):
+            return self
+        if not self.lora.enabled:
+            raise ValueError(f"method {self.method!r} needs lora.enabled: true (the reference "
+                             "log-probs of new pairs come from the policy with its adapters "
+                             "turned off)")
+        spec = LOSSES[self.loss.name]
+        if spec.needs_hardness or spec.batch_context is not None:
+            raise ValueError(f"loss {self.loss.name!r} needs a hardness score and a batch "
+                             f"context, which pairs made online do not have; method "
+                             f"{self.method!r} takes any other loss")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -45,8 +45,9 @@ from dpalign.data.schema import PreferenceRecord
 from dpalign.losses.base import LossOut, PairLogps
 from dpalign.losses.objective import Objective
 from dpalign.models.pairs import EncodedPair
+from dpalign.online.source import OfflinePairs, PairSource
 from dpalign.privacy.clipping import CLIPPING, next_clip_norm
-from dpalign.privacy.dp_sgd import empty_units, group_by_unit, step_diagnostics
+from dpalign.privacy.dp_sgd import step_diagnostics
 from dpalign.privacy.per_pair import Engine
 from dpalign.privacy.plan import (
     AUDIT_STREAM,
@@ -129,6 +130,7 @@ class DPStep:
     pad_id: int
     total: int
     canaries: Canaries | None = None
+    source: PairSource | None = None
 
     def __call__(self, step: int, state: LoopState) -> tuple[dict[str, Any], LoopState]:
         """Set ``.grad`` for batch ``step`` (1-based); the metrics row and the new state
@@ -138,7 +140,7 @@ class DPStep:
         clip_norm = privacy.max_grad_norm if state.clip_norm is None else state.clip_norm
         sampled = self.plan.sample(privacy, self.cfg.train.seed, step)
         draw = self.canaries.draw(step, clip_norm) if self.canaries else CanaryDraw()
-        grads, metrics = self._unit_grads(sampled, draw.pairs)
+        grads, metrics = self._unit_grads(step, sampled, draw.pairs)
         clipped, norms = self._clip(grads, clip_norm)
         if rank_and_world()[1] > 1:
             clipped, norms = all_reduce_units(clipped, norms)
@@ -202,27 +204,49 @@ class DPStep:
         start = torch.zeros(size, dtype=torch.float64) if audit is None else audit
         return start + released.double(), norms
 
-    def _unit_grads(self, sampled: list[int], canary_units: list[list[int]] | None = None
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, float | None]]:
+    def _unit_grads(self, step: int, sampled: list[int],
+                    canary_units: list[list[int]] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """This rank's share of the sampled units (data parallel: every world-size-th):
         their gradients ``{name: (U, *shape)}`` (U pairs, or U users when the unit is the
         user) and the loss metrics of their pairs (``loss`` None when there are none).
         ``canary_units`` (input canaries, indices into the canary records, which follow the
-        training pairs) join after them; the metrics are of the training pairs alone."""
+        training pairs) join after them; the metrics are of the training pairs alone. The
+        pairs come from the step's ``source`` (online / mixed DPO make them now); a unit
+        that got no pair (an online tie) has a zero gradient."""
         rank, world = rank_and_world()
         mine = [self.units[u] for u in sampled[rank::world]]
         offset = len(self.pairs) - len(self.canaries.records) if self.canaries else 0
         canaries = [[offset + i for i in unit] for unit in (canary_units or [])]
-        groups = mine + canaries
-        idx = [i for unit in groups for i in unit]
+        got = self.pair_source(step, mine + canaries)
+        idx = [i for unit in got.groups for i in unit]
         if not idx:
-            return empty_units(self.engine.params), {"loss": None}
-        grads, out = chunked_grads(self.engine, self.pairs, idx, self.ref, self.objective,
+            return self._zero_units(len(got.groups)), {"loss": None, **got.metrics}
+        grads, out = chunked_grads(self.engine, got.pairs, idx, got.ref, self.objective,
                                    self.pad_id, self.cfg.train.micro_batch_size)
-        if any(len(unit) > 1 for unit in groups):  # users with several pairs: sum them
-            grads, _ = group_by_unit(grads, [u for u, unit in enumerate(groups) for _ in unit])
-        real = sum(len(unit) for unit in mine)
+        if any(len(unit) != 1 for unit in got.groups):  # users, or units without a pair
+            grads = self._sum_units(grads, got.groups)
+        real = sum(len(unit) for unit in got.groups[:len(mine)])
         if not real:
-            return grads, {"loss": None}
+            return grads, {"loss": None, **got.metrics}
         return grads, {"loss": float(out.per_example[:real].mean()),
-                       **{k: float(v[:real].float().mean()) for k, v in out.metrics.items()}}
+                       **{k: float(v[:real].float().mean()) for k, v in out.metrics.items()},
+                       **got.metrics}
+
+    @property
+    def pair_source(self) -> PairSource:
+        """Where the step's pairs come from: ``source``, else the recorded pairs."""
+        return self.source or OfflinePairs(self.pairs, self.ref)
+
+    def _zero_units(self, n: int) -> dict[str, torch.Tensor]:
+        return {name: p.new_zeros((n, *p.shape)) for name, p in self.engine.params.items()}
+
+    @staticmethod
+    def _sum_units(grads: dict[str, torch.Tensor], groups: list[list[int]]
+                   ) -> dict[str, torch.Tensor]:
+        """Pair gradients ``{name: (P, *shape)}`` summed per unit: ``{name: (U, *shape)}``,
+        U = len(groups), zero for a unit with no pair."""
+        index = torch.tensor([u for u, unit in enumerate(groups) for _ in unit],
+                             dtype=torch.long)
+        return {name: g.new_zeros((len(groups), *g.shape[1:])).index_add_(
+            0, index.to(g.device), g) for name, g in grads.items()}

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import yaml
 
+from dpalign.data.schema import PreferenceRecord
 from dpalign.eval.preference import preference_metrics
 from dpalign.io import (
     append_jsonl,
@@ -49,6 +50,8 @@ from dpalign.losses.objective import Objective
 from dpalign.models.load import load_vlm, resolve_device, resolve_dtype
 from dpalign.models.lora import merged, prepare_trainable
 from dpalign.models.pairs import EncodedPair, encode_pairs
+from dpalign.online.judge import load_judge
+from dpalign.online.source import OfflinePairs, OnlinePairs, PairSource
 from dpalign.privacy.label_dp import flip_probability
 from dpalign.privacy.per_pair import make_engine
 from dpalign.privacy.plan import PrivacyPlan, rank_and_world, spent_epsilon
@@ -288,18 +291,44 @@ def initial_state() -> LoopState:
 def build_grad_step(cfg: TrainConfig, model: torch.nn.Module, pairs: list[EncodedPair],
                     ref: PairLogps, objective: Objective, pad_id: int, units: list[list[int]],
                     plan: PrivacyPlan | None, total: int,
-                    canaries: Canaries | None = None) -> GradStep:
+                    canaries: Canaries | None = None,
+                    source: PairSource | None = None) -> GradStep:
     """The run's gradient step over the parameters of ``model`` that require grad: the DP
     step when ``plan`` is set (its per-pair engine ``privacy.engine``; with an audit's
-    ``canaries``, their ``dp_step`` class fed with them), else the plain one."""
+    ``canaries``, their ``dp_step`` class fed with them), else the plain one. ``source``
+    makes the step's pairs (online / mixed DPO; None: the recorded ``pairs``)."""
     named = {k: p for k, p in model.named_parameters() if p.requires_grad}
     if plan is None:
         if canaries is not None:
             raise ValueError("audit canaries need a DP run (privacy.enabled: true)")
-        return PlainStep(cfg, model, pairs, ref, objective, list(named.values()), pad_id)
+        return PlainStep(cfg, model, pairs, ref, objective, list(named.values()), pad_id,
+                         source)
     step_type = DPStep if canaries is None else canaries.dp_step
     return step_type(cfg, make_engine(cfg.privacy.engine, model, named), pairs, ref, objective,
-                     units, plan, pad_id, total, canaries)
+                     units, plan, pad_id, total, canaries, source)
+
+
+def online_source(cfg: TrainConfig, model: torch.nn.Module, processor: Any,
+                  records: list[PreferenceRecord], pairs: list[EncodedPair], ref: PairLogps,
+                  pad_id: int) -> PairSource | None:
+    """Online / mixed DPO's pair source over the training ``records`` (``pairs`` and
+    ``ref``: every encoded pair, canaries after the records); None for the other methods.
+    New pairs' reference log-probs come from ``model`` (a peft model) with its adapters
+    off, which is the base model the cached reference log-probs were computed with."""
+    if cfg.method not in ("online", "mixed"):
+        return None
+    with_corrupt = Objective.from_config(cfg.loss).spec.needs_corrupt
+    device = next(model.parameters()).device
+
+    def reference(new: list[EncodedPair]) -> PairLogps:
+        with model.disable_adapter():  # type: ignore[operator]
+            return compute_reference(model, new, pad_id, with_corrupt=with_corrupt,
+                                     batch_size=cfg.eval.batch_size).to(device)
+
+    return OnlinePairs(cfg.online, model, processor, records, OfflinePairs(pairs, ref),
+                       load_judge(cfg.online.judge), reference, cfg.train.seed,
+                       cfg.online.offline_fraction if cfg.method == "mixed" else 0.0,
+                       cfg.data.seed if with_corrupt else None, cfg.data.hardness_field)
 
 
 def prepare(cfg: TrainConfig, out: Path, data: RunData | None = None,
@@ -344,8 +373,9 @@ def prepare(cfg: TrainConfig, out: Path, data: RunData | None = None,
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, schedule = build_optimizer(params, cfg.optim, data.total)
+    source = online_source(cfg, model, processor, data.records, pairs, ref, pad_id)
     grad_step = build_grad_step(cfg, model, pairs, ref, objective, pad_id, data.units,
-                                data.plan, data.total, canaries)
+                                data.plan, data.total, canaries, source)
     return Session(cfg, model, processor, pairs, ref, objective, optimizer, schedule, params,
                    Evaluator(cfg, processor, parts, pad_id), pad_id, data.total,
                    data.units, data.plan, grad_step)

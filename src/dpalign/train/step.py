@@ -15,6 +15,7 @@ from dpalign.data.sampling import batch_indices, steps_per_epoch
 from dpalign.losses.base import LossOut, PairLogps
 from dpalign.losses.objective import Objective, pair_logps, step_metrics
 from dpalign.models.pairs import EncodedPair, PairBatch, collate
+from dpalign.online.source import OfflinePairs, PairSource
 from dpalign.train.config import TrainConfig
 from dpalign.train.state import LoopState
 
@@ -46,15 +47,25 @@ class PlainStep:
     objective: Objective
     params: list[torch.nn.Parameter]
     pad_id: int
+    source: PairSource | None = None
 
     def __call__(self, step: int, state: LoopState) -> tuple[dict[str, Any], LoopState]:
-        """Set ``.grad`` for batch ``step`` (1-based); the metrics row and the new state."""
+        """Set ``.grad`` for batch ``step`` (1-based); the metrics row and the new state.
+        The pairs come from ``source`` (online / mixed DPO make them now; default: the
+        recorded pairs); a batch entry that got no pair (an online tie) adds nothing to
+        the loss, which stays divided by the batch size."""
         cfg, objective = self.cfg, self.objective
-        idx = batch_indices(len(self.pairs), cfg.train.batch_size, cfg.train.seed, step - 1)
-        parts = chunk_batches(self.pairs, idx, self.ref, self.pad_id,
+        drawn = batch_indices(len(self.pairs), cfg.train.batch_size, cfg.train.seed, step - 1)
+        got = (self.source or OfflinePairs(self.pairs, self.ref))(step, [[i] for i in drawn])
+        epoch = (step - 1) // steps_per_epoch(len(self.pairs), cfg.train.batch_size)
+        idx = [i for unit in got.groups for i in unit]
+        if not idx:
+            return ({"epoch": epoch, "loss": None, **got.metrics, "grad_norm": 0.0},
+                    LoopState(state.loss_state, state.ledger))
+        parts = chunk_batches(got.pairs, idx, got.ref, self.pad_id,
                               with_corrupt=objective.spec.needs_corrupt,
                               size=cfg.train.micro_batch_size)
-        batch_ref = self.ref.index(torch.tensor(idx))
+        batch_ref = got.ref.index(torch.tensor(idx))
         first = pair_logps(self.model, parts[0][0])
         context, loss_state = (self._context(first, [b for b, _ in parts[1:]], batch_ref,
                                              state.loss_state)
@@ -63,14 +74,14 @@ class PlainStep:
         for k, (batch, part_ref) in enumerate(parts):
             policy = first if k == 0 else pair_logps(self.model, batch)
             result = objective(policy, part_ref, hardness=batch.hardness, **context)
-            (result.per_example.sum() / len(idx)).backward()
+            (result.per_example.sum() / len(drawn)).backward()
             results.append(LossOut(result.per_example.detach(), result.metrics))
             policies.append(policy.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params,
                                                    cfg.optim.max_grad_norm or math.inf)
-        row = {"epoch": (step - 1) // steps_per_epoch(len(self.pairs), cfg.train.batch_size),
+        row = {"epoch": epoch,
                **step_metrics(LossOut.cat(results), PairLogps.cat(policies), batch_ref),
-               "grad_norm": float(grad_norm)}
+               **got.metrics, "grad_norm": float(grad_norm)}
         return row, LoopState(loss_state, state.ledger)
 
     def _context(self, first: PairLogps, rest: list[PairBatch], batch_ref: PairLogps,
