@@ -121,6 +121,47 @@ def data_convert(
         print(json.dumps(summary.as_dict()))
 
 
+@data_app.command("bdhs")
+def data_bdhs(
+    model: Annotated[Path, typer.Option(help="Model folder that writes the rejections.")],
+    source: Annotated[Path, typer.Option("--in", help="JSONL of answers (image(s), prompt, "
+                                                      "answer) or of preference pairs.")],
+    out: Annotated[Path, typer.Option(help="Preference JSONL file to write.")],
+    seed: Annotated[int, typer.Option(help="Seed of split points, swaps and sampling.")] = 0,
+    mask_rate: Annotated[float, typer.Option(help="Image-token masking rate.")] = 0.99,
+    max_tries: Annotated[int, typer.Option(help="Most tries per sentence.")] = 5,
+    threshold: Annotated[float, typer.Option(help="Resample above this cosine.")] = 0.97,
+    batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens per completion.")] = 48,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
+) -> None:
+    """Bias-driven hallucination sampling: a rejected answer for each good one, written by
+    MODEL with the image masked from attention (BDHS; input checked before the model loads)."""
+    from rich.markup import escape
+
+    from dpalign.models.load import load_vlm, resolve_device, resolve_dtype
+    from dpalign.online.bdhs import make_bdhs_pairs, read_bdhs_inputs
+    from dpalign.online.config import BDHSConfig
+
+    try:
+        cfg = BDHSConfig(mask_rate=mask_rate, max_tries=max_tries, threshold=threshold,
+                         seed=seed, sampling={"temperature": temperature,
+                                              "max_new_tokens": max_new_tokens})
+        items = read_bdhs_inputs(source)
+        where = resolve_device(device)
+        vlm = load_vlm(model, device=str(where), dtype=resolve_dtype("auto", where))
+        summary = make_bdhs_pairs(vlm.model, vlm.processor, items, out, cfg,
+                                  batch_size=batch_size)
+    except (OSError, ImportError, ValueError) as exc:  # incl. DataValidationError
+        raise fail(escape(str(exc))) from exc
+    console.print(f"wrote {summary.n_pairs} pairs to {summary.out} ({summary.n_identical} "
+                  f"left out: rejected equal to chosen); mean tries {summary.mean_tries:.2f}, "
+                  f"at max tries {summary.share_max_tries:.1%}, mean similarity "
+                  f"{summary.mean_similarity:.3f}, yes/no swapped {summary.n_swapped}",
+                  markup=False, highlight=False)
+
+
 @app.command()
 def pretrain(
     out: Annotated[Path, typer.Option(help="Folder for the base model.")],

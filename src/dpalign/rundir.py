@@ -8,6 +8,7 @@ A training run (``dpalign train --out RUN``, DESIGN.md §4)::
     checkpoints/         step_NNNNNN folders          final/         the trained model
     result.json          summary, written last (its presence means the run finished)
     error.json           why a study's run failed     diagnostics.json  its stability summary
+    bdhs.jsonl           method bdhs: the training pairs with their BDHS rejected answers
 
 An audit (``dpalign audit --out RUN``) is a run directory with canaries besides::
 
@@ -135,6 +136,10 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
+
+    @property
+    def bdhs(self) -> Path:
+        return self.path / "bdhs.jsonl"
 
     @property
     def audit_dir(self) -> Path:

@@ -17,11 +17,12 @@ from typer.testing import CliRunner
 
 from conftest import CrashError, MakeConfig, crash_at, without_time
 from dpalign.cli import app
+from dpalign.data.records import read_preference_jsonl
 from dpalign.data.schema import PreferenceRecord
 from dpalign.io import read_jsonl
 from dpalign.losses.objective import pair_logps
 from dpalign.models.pairs import collate
-from dpalign.online.source import online_indices
+from dpalign.online.source import OfflinePairs, online_indices
 from dpalign.privacy.accounting import Ledger
 from dpalign.privacy.plan import spent_epsilon
 from dpalign.train.checkpoint import latest_checkpoint
@@ -210,3 +211,36 @@ def test_online_run_from_the_cli_and_config_errors(make_config: MakeConfig,
                                   str(tmp_path / "bad"), "method=online", *bad])
         assert res.exit_code != 0 and reason in res.output, (bad, res.output)
         assert not (tmp_path / "bad").exists()
+
+
+def test_bdhs_method_trains_on_the_base_models_bdhs_rejections(make_config: MakeConfig,
+                                                               tmp_path: Path) -> None:
+    """``method: bdhs``: one BDHS result per training record, in order (bdhs.jsonl), the
+    encoded pairs are (the record's chosen, its BDHS rejected answer), a BDHS answer equal
+    to the chosen one is a unit without a pair, and a resumed run reads bdhs.jsonl back
+    instead of generating again (an edited row is what it trains on)."""
+    cfg = make_config(method="bdhs", train={"steps": 1}, eval={"every": None},
+                      bdhs={"max_tries": 2, "sampling": {"max_new_tokens": 12}})
+    out = tmp_path / "run"
+    run = prepare(cfg, out)
+    rows = read_jsonl(out / "bdhs.jsonl")
+    records = read_preference_jsonl(cfg.data.train)
+    ids = [p.id for p in run.pairs]
+    assert [r["source_id"] for r in rows] == ids and len(ids) == cfg.data.k
+    by_id = {r.id: r for r in records}
+    tok = run.processor.tokenizer
+    for pair, row in zip(run.pairs, rows, strict=True):
+        assert 1 <= row["tries"] <= 2 and -1 <= row["similarity"] <= 1 + 1e-6
+        assert tok.decode(pair.chosen, skip_special_tokens=True) == by_id[pair.id].chosen
+        assert pair.rejected == [*tok(row["rejected"], add_special_tokens=False)["input_ids"],
+                                 tok.eos_token_id]
+    same = {i for i, row in enumerate(rows)
+            if row["rejected"].strip() == by_id[row["source_id"]].chosen.strip()}
+    source = run.grad_step.source  # type: ignore[attr-defined]
+    got = (source or OfflinePairs(run.pairs, run.ref))(1, [[i] for i in range(len(rows))])
+    assert [not g for g in got.groups] == [i in same for i in range(len(rows))]
+
+    rows[0] = {**rows[0], "rejected": "A green zebra."}
+    (out / "bdhs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    again = prepare(cfg, out)
+    assert tok.decode(again.pairs[0].rejected, skip_special_tokens=True) == "A green zebra."

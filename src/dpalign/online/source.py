@@ -66,8 +66,9 @@ class PairSource(Protocol):
     def __call__(self, step: int, groups: list[list[int]]) -> StepPairs: ...
 
 
-def _select(pairs: Sequence[EncodedPair], ref: PairLogps, groups: list[list[int]]
-            ) -> StepPairs:
+def _select(pairs: Sequence[EncodedPair], ref: PairLogps, groups: list[list[int]],
+            skip: frozenset[int] = frozenset()) -> StepPairs:
+    groups = [[i for i in unit if i not in skip] for unit in groups]
     flat = [i for unit in groups for i in unit]
     starts = np.cumsum([0, *[len(unit) for unit in groups]])
     local = [list(range(int(a), int(b))) for a, b in itertools.pairwise(starts)]
@@ -77,13 +78,15 @@ def _select(pairs: Sequence[EncodedPair], ref: PairLogps, groups: list[list[int]
 
 @dataclass(frozen=True)
 class OfflinePairs:
-    """The recorded pairs: ``pairs`` and their cached reference log-probs ``ref``."""
+    """The recorded pairs: ``pairs`` and their cached reference log-probs ``ref``; the
+    indices in ``skip`` give no pair (BDHS answers equal to the chosen one)."""
 
     pairs: Sequence[EncodedPair]
     ref: PairLogps
+    skip: frozenset[int] = frozenset()
 
     def __call__(self, step: int, groups: list[list[int]]) -> StepPairs:
-        return _select(self.pairs, self.ref, groups)
+        return _select(self.pairs, self.ref, groups, self.skip)
 
 
 def online_indices(indices: Sequence[int], n_records: int, seed: int, step: int,

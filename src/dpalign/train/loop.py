@@ -35,7 +35,6 @@ from typing import Any
 import torch
 import yaml
 
-from dpalign.data.schema import PreferenceRecord
 from dpalign.eval.preference import preference_metrics
 from dpalign.io import (
     append_jsonl,
@@ -50,8 +49,7 @@ from dpalign.losses.objective import Objective
 from dpalign.models.load import load_vlm, resolve_device, resolve_dtype
 from dpalign.models.lora import merged, prepare_trainable
 from dpalign.models.pairs import EncodedPair, encode_pairs
-from dpalign.online.judge import load_judge
-from dpalign.online.source import OfflinePairs, OnlinePairs, PairSource
+from dpalign.online.source import PairSource
 from dpalign.privacy.label_dp import flip_probability
 from dpalign.privacy.per_pair import make_engine
 from dpalign.privacy.plan import PrivacyPlan, rank_and_world, spent_epsilon
@@ -66,6 +64,7 @@ from dpalign.train.checks import (
 )
 from dpalign.train.config import TrainConfig
 from dpalign.train.dp_step import Canaries, DPStep
+from dpalign.train.methods import bdhs_records, pair_source
 from dpalign.train.optim import build_optimizer, set_noise_variance
 from dpalign.train.reference import cached_reference, compute_reference
 from dpalign.train.state import GradStep, LoopState
@@ -308,29 +307,6 @@ def build_grad_step(cfg: TrainConfig, model: torch.nn.Module, pairs: list[Encode
                      units, plan, pad_id, total, canaries, source)
 
 
-def online_source(cfg: TrainConfig, model: torch.nn.Module, processor: Any,
-                  records: list[PreferenceRecord], pairs: list[EncodedPair], ref: PairLogps,
-                  pad_id: int) -> PairSource | None:
-    """Online / mixed DPO's pair source over the training ``records`` (``pairs`` and
-    ``ref``: every encoded pair, canaries after the records); None for the other methods.
-    New pairs' reference log-probs come from ``model`` (a peft model) with its adapters
-    off, which is the base model the cached reference log-probs were computed with."""
-    if cfg.method not in ("online", "mixed"):
-        return None
-    with_corrupt = Objective.from_config(cfg.loss).spec.needs_corrupt
-    device = next(model.parameters()).device
-
-    def reference(new: list[EncodedPair]) -> PairLogps:
-        with model.disable_adapter():  # type: ignore[operator]
-            return compute_reference(model, new, pad_id, with_corrupt=with_corrupt,
-                                     batch_size=cfg.eval.batch_size).to(device)
-
-    return OnlinePairs(cfg.online, model, processor, records, OfflinePairs(pairs, ref),
-                       load_judge(cfg.online.judge), reference, cfg.train.seed,
-                       cfg.online.offline_fraction if cfg.method == "mixed" else 0.0,
-                       cfg.data.seed if with_corrupt else None, cfg.data.hardness_field)
-
-
 def prepare(cfg: TrainConfig, out: Path, data: RunData | None = None,
             canaries: Canaries | None = None) -> Session:
     """Load the model and data (``data``: from ``check_run``, read now when None), refuse
@@ -350,7 +326,10 @@ def prepare(cfg: TrainConfig, out: Path, data: RunData | None = None,
     objective = Objective.from_config(cfg.loss)
     with_corrupt = objective.spec.needs_corrupt
     extra = list(canaries.records) if canaries is not None else []
-    pairs = encode_pairs(data.records + extra, processor,
+    bdhs = (bdhs_records(cfg, model, processor, data.records, RunDir(out).bdhs)
+            if cfg.method == "bdhs" else None)
+    records = bdhs.records if bdhs else data.records
+    pairs = encode_pairs(records + extra, processor,
                          corrupt_seed=cfg.data.seed if with_corrupt else None,
                          hardness_field=cfg.data.hardness_field)
     _check_inputs(cfg, objective, pairs)
@@ -373,7 +352,8 @@ def prepare(cfg: TrainConfig, out: Path, data: RunData | None = None,
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, schedule = build_optimizer(params, cfg.optim, data.total)
-    source = online_source(cfg, model, processor, data.records, pairs, ref, pad_id)
+    source = pair_source(cfg, model, processor, data.records, pairs, ref, pad_id,
+                         bdhs.skip if bdhs else frozenset())
     grad_step = build_grad_step(cfg, model, pairs, ref, objective, pad_id, data.units,
                                 data.plan, data.total, canaries, source)
     return Session(cfg, model, processor, pairs, ref, objective, optimizer, schedule, params,
