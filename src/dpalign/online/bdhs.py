@@ -77,6 +77,7 @@ Embed = Callable[[Sequence[str]], Tensor]
 """texts -> (N, D) sentence embeddings (``SentenceEmbedder.encode``)."""
 
 YES_NO = {"yes": "no", "no": "yes"}
+SENTENCE_STOPS = (".", "!", "?")  # a completion is one sentence: generation stops at its end
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _FIRST_END = re.compile(r"[.!?](?=\s|$)|\n")
 _LEADING_YES_NO = re.compile(r"^(\s*)(yes|no)\b", re.IGNORECASE)
@@ -260,7 +261,7 @@ def masked_completer(model: PreTrainedModel, processor: ProcessorMixin, cfg: BDH
     def complete(queries: Sequence[Query], attempt: int) -> list[str]:
         answers = sample(model, processor, queries, n=1, sampling=cfg.sampling,
                          seed=cfg.seed * 1000 + attempt, image_mask_rate=cfg.mask_rate,
-                         batch_size=batch_size,
+                         batch_size=batch_size, stop=SENTENCE_STOPS,
                          description=f"BDHS try {attempt + 1}/{cfg.max_tries} "
                                      f"({len(queries)} sentences)")
         return [texts[0] for texts in answers]

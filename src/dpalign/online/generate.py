@@ -79,7 +79,7 @@ def _continuation(processor: ProcessorMixin, prefix: list[int], new: list[int]) 
 @torch.no_grad()
 def _sample_batch(model: PreTrainedModel, processor: ProcessorMixin, encode: PromptEncoder,
                   queries: Sequence[Query], n: int, sampling: SamplingConfig, seed: int,
-                  image_mask_rate: float) -> list[list[str]]:
+                  image_mask_rate: float, stop: Sequence[str]) -> list[list[str]]:
     """n continuations of each query of one batch."""
     tokenizer = processor.tokenizer  # type: ignore[attr-defined]
     images = [[Image.open(p).convert("RGB") for p in q.images] for q in queries]
@@ -106,7 +106,8 @@ def _sample_batch(model: PreTrainedModel, processor: ProcessorMixin, encode: Pro
             do_sample=not greedy, num_return_sequences=1 if greedy else n,
             **({} if greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p,
                                   "top_k": 0}),
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            **({"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}))
     new = out[:, batch.input_ids.shape[1]:].cpu().repeat_interleave(n if greedy else 1, 0)
     new = new.tolist()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -117,10 +118,13 @@ def _sample_batch(model: PreTrainedModel, processor: ProcessorMixin, encode: Pro
 
 def sample(model: PreTrainedModel, processor: ProcessorMixin, queries: Sequence[Query], *,
            n: int = 1, sampling: SamplingConfig, seed: int, image_mask_rate: float = 0.0,
-           batch_size: int = 16, description: str | None = None) -> list[list[str]]:
+           batch_size: int = 16, description: str | None = None,
+           stop: Sequence[str] = ()) -> list[list[str]]:
     """``n`` continuations per query: the text generated after its prefix (special tokens
     dropped, not stripped), image-token attention masked with probability
-    ``image_mask_rate`` per image position. Batch ``b`` (``batch_size`` queries) is seeded
+    ``image_mask_rate`` per image position; a continuation also ends once it produces one
+    of the ``stop`` strings (kept in the text; tokens past it may follow and are the
+    caller's to cut). Batch ``b`` (``batch_size`` queries) is seeded
     with ``seed`` and ``b``, so answers do not depend on how many batches follow. The model
     is put in eval mode for generation (no dropout) and returned to its previous mode."""
     if not 0 <= image_mask_rate <= 1:
@@ -136,7 +140,7 @@ def sample(model: PreTrainedModel, processor: ProcessorMixin, queries: Sequence[
         for b, start in enumerate(batches):
             answers.extend(_sample_batch(model, processor, encode,
                                          queries[start:start + batch_size], n, sampling,
-                                         seed * 100_003 + b, image_mask_rate))
+                                         seed * 100_003 + b, image_mask_rate, stop))
     finally:
         model.train(was_training)
     return answers
