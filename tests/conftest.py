@@ -43,6 +43,24 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, small_world: Path) -> P
     return out
 
 
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory: pytest.TempPathFactory, small_world: Path) -> dict[str, Path]:
+    """Each tiny VLM family (``dpalign.models.tiny_families``) built on the small world's
+    texts, untrained, and saved with ``save_pretrained``: ``{family name: folder}``."""
+    from dpalign.models.tiny_families import TINY_FAMILIES
+
+    world = World.load(small_world)
+    texts = [t for r in world.pretrain_rows() for t in (r["prompt"], r["response"])]
+    out = {}
+    for name, build in TINY_FAMILIES.items():
+        built = build(texts, seed=0)
+        folder = tmp_path_factory.mktemp("family") / name
+        built.model.save_pretrained(folder)
+        built.processor.save_pretrained(folder)
+        out[name] = folder
+    return out
+
+
 MakeConfig = Callable[..., TrainConfig]
 
 

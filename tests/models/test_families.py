@@ -43,21 +43,6 @@ MODEL_CLASS = {"llava": "LlavaForConditionalGeneration",
 
 
 @pytest.fixture(scope="module")
-def family_dirs(tmp_path_factory: pytest.TempPathFactory, small_world: Path) -> dict[str, Path]:
-    """Each tiny family built on the world's texts and saved with ``save_pretrained``."""
-    world = World.load(small_world)
-    texts = [t for r in world.pretrain_rows() for t in (r["prompt"], r["response"])]
-    out = {}
-    for name, build in TINY_FAMILIES.items():
-        built = build(texts, seed=0)
-        folder = tmp_path_factory.mktemp("family") / name
-        built.model.save_pretrained(folder)
-        built.processor.save_pretrained(folder)
-        out[name] = folder
-    return out
-
-
-@pytest.fixture(scope="module")
 def pool(small_world: Path) -> list:
     return read_preference_jsonl(World.load(small_world).pool_file)
 
