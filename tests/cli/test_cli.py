@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from dpalign.cli import app
 
 runner = CliRunner()
-COMMANDS = [[], ["world"], ["world", "build"], ["data"], ["data", "validate"], ["pretrain"],
+COMMANDS = [[], ["world"], ["world", "build"], ["data"], ["data", "validate"], ["data", "bdhs"],
+            ["pretrain"],
             ["eval"]]
 
 
