@@ -536,7 +536,7 @@ def calibrate_command(
 def study(
     out: Annotated[Path, typer.Option(help="Study directory (runs/, runs.parquet, ...).")],
     preset: Annotated[str | None, typer.Option(
-        help="Packaged study: quickstart | full | answer.")] = None,
+        help="Packaged study: quickstart | full | answer | online.")] = None,
     config: Annotated[Path | None, typer.Option(help="Study YAML (instead of --preset).")] = None,
     model: Annotated[str | None, typer.Option(
         help="Base model: a model folder, or a pretrain preset (tiny | smol) pretrained on the "

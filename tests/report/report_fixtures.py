@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 
 from dpalign.diagnostics import aggregate, diagnose_run_dir
+from dpalign.rundir import read_log
+from dpalign.study.online import online_figures
 
 INF = math.inf
 
@@ -29,7 +31,10 @@ class Recipe:
 
     ``diverge_below``: runs with epsilon < this diverge (loss jumps to 50 halfway) for the
     first ``diverging_seeds`` seeds; ``noisy``: loss noise grows as 0.3 / epsilon (else a
-    constant 0.01 for every point).
+    constant 0.01 for every point). ``methods``: alignment methods (``grid.method``); other
+    than the default, the tables get a ``method`` column, and runs of a method other than
+    offline log online fields, a longer wall time and better figures (:data:`ONLINE_GAIN`
+    per method after the first).
     """
 
     epsilons: tuple[float, ...] = (INF, 8.0, 2.0, 0.5)
@@ -41,13 +46,29 @@ class Recipe:
     diverge_below: float = 0.0
     diverging_seeds: int = 3
     noisy: bool = False
+    methods: tuple[str, ...] = ("offline",)
+
+
+ONLINE_GAIN = 0.02
+"""How much a method's final held-out reward accuracy and POPE accuracy rise per position
+in ``Recipe.methods`` (the first method gains nothing)."""
+
+
+def _online_fields(step: int, seed: int, rng: np.random.Generator) -> dict[str, Any]:
+    """A step's online fields as ``dpalign.online.source`` logs them (8 prompts)."""
+    pairs = 4 + (step + seed) % 5
+    return {"online_prompts": 8, "online_pairs": pairs, "online_ties": 8 - pairs,
+            "online_share": 1.0, "online_score_mean": -0.3 + 0.005 * step,
+            "online_score_best": 0.1 + 0.01 * step + rng.uniform(0, 0.01),
+            "online_score_worst": -0.6, "online_seconds": 0.02 + 0.001 * (step % 3)}
 
 
 def _noise_size(recipe: Recipe, epsilon: float) -> float:
     return 0.3 / epsilon if recipe.noisy and math.isfinite(epsilon) else 0.01
 
 
-def _metrics(recipe: Recipe, epsilon: float, k: int, seed: int) -> list[dict[str, Any]]:
+def _metrics(recipe: Recipe, epsilon: float, k: int, seed: int, method: str = "offline"
+             ) -> list[dict[str, Any]]:
     rng = np.random.default_rng([seed, k, int(1000 * min(epsilon, 1e6))])
     diverges = epsilon < recipe.diverge_below and seed < recipe.diverging_seeds
     rows = []
@@ -65,18 +86,26 @@ def _metrics(recipe: Recipe, epsilon: float, k: int, seed: int) -> list[dict[str
                     "epsilon": epsilon * 0.99 if step == recipe.steps else None}
         else:
             row["kl_proxy"] = 0.01 * step
+        if method != "offline":
+            row |= _online_fields(step, seed, rng)
         rows.append(row)
     return rows
 
 
-def _evals(recipe: Recipe, epsilon: float, seed: int) -> list[dict[str, Any]]:
-    quality = 0.9 if math.isinf(epsilon) else 0.9 - 0.1 / epsilon
+def _gain(recipe: Recipe, method: str) -> float:
+    return ONLINE_GAIN * recipe.methods.index(method) if method in recipe.methods else 0.0
+
+
+def _evals(recipe: Recipe, epsilon: float, seed: int, method: str = "offline"
+           ) -> list[dict[str, Any]]:
+    quality = (0.9 if math.isinf(epsilon) else 0.9 - 0.1 / epsilon) + _gain(recipe, method)
     rows = []
     for step in (0, recipe.steps // 2, recipe.steps):
         frac = step / recipe.steps
         rows.append({"step": step, "heldout_reward_accuracy": 0.5 + frac * (quality - 0.5),
                      "pope_adversarial_accuracy": 0.66 + 0.01 * seed - 0.02 * frac / min(
-                         epsilon, 10), "chair_s": 0.5 - 0.3 * frac * quality, "chair_i": 0.1})
+                         epsilon, 10) + frac * _gain(recipe, method),
+                     "chair_s": 0.5 - 0.3 * frac * quality, "chair_i": 0.1})
     return rows
 
 
@@ -85,11 +114,11 @@ def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def write_run(path: Path, recipe: Recipe, *, epsilon: float, k: int, seed: int,
-              mechanism: str, loss: str) -> None:
+              mechanism: str, loss: str, method: str = "offline") -> None:
     """One synthetic run directory."""
     path.mkdir(parents=True)
-    _write_jsonl(path / "metrics.jsonl", _metrics(recipe, epsilon, k, seed))
-    _write_jsonl(path / "eval.jsonl", _evals(recipe, epsilon, seed))
+    _write_jsonl(path / "metrics.jsonl", _metrics(recipe, epsilon, k, seed, method))
+    _write_jsonl(path / "eval.jsonl", _evals(recipe, epsilon, seed, method))
     private = math.isfinite(epsilon)
     privacy = {"accountant": "pld", "delta": 1e-5, "sigma": 4.0 / epsilon,
                "target_epsilon": epsilon, "epsilon": epsilon * 0.99} if private else None
@@ -103,17 +132,21 @@ def write_run(path: Path, recipe: Recipe, *, epsilon: float, k: int, seed: int,
 
 
 def _grid(recipe: Recipe) -> list[dict[str, Any]]:
-    """Grid points: every DP mechanism x finite epsilon, plus one no-DP point, per K/loss."""
+    """Grid points: every DP mechanism x finite epsilon, plus one no-DP point, per K/loss
+    (and method, with a ``method`` column, when the recipe names methods)."""
     points = []
-    for loss in recipe.losses:
-        for k in recipe.ks:
-            for epsilon in recipe.epsilons:
-                mechanisms = recipe.mechanisms if math.isfinite(epsilon) else ("none",)
-                for mechanism in mechanisms:
-                    eps_name = "inf" if math.isinf(epsilon) else f"{epsilon:g}"
-                    points.append({"point": f"{loss}-{mechanism}-eps{eps_name}-k{k}",
-                                   "mechanism": mechanism, "epsilon_target": epsilon, "k": k,
-                                   "loss": loss, "lr": None})
+    for method in recipe.methods:
+        suffix = "" if method == "offline" else f"-{method}"
+        extra = {"method": method} if recipe.methods != ("offline",) else {}
+        for loss in recipe.losses:
+            for k in recipe.ks:
+                for epsilon in recipe.epsilons:
+                    mechanisms = recipe.mechanisms if math.isfinite(epsilon) else ("none",)
+                    for mechanism in mechanisms:
+                        eps_name = "inf" if math.isinf(epsilon) else f"{epsilon:g}"
+                        points.append({"point": f"{loss}-{mechanism}-eps{eps_name}-k{k}{suffix}",
+                                       "mechanism": mechanism, "epsilon_target": epsilon,
+                                       "k": k, "loss": loss, "lr": None, **extra})
     return points
 
 
@@ -125,15 +158,19 @@ def write_study(root: Path, recipe: Recipe, *, points_file: bool = True) -> Path
         diagnosed = []
         for seed in recipe.seeds:
             name = f"{point['point']}-s{seed}"
+            method = point.get("method", "offline")
             write_run(root / "runs" / name, recipe, epsilon=point["epsilon_target"],
                       k=point["k"], seed=seed, mechanism=point["mechanism"],
-                      loss=point["loss"])
+                      loss=point["loss"], method=method)
             diag = diagnose_run_dir(root / "runs" / name).as_dict()
             diagnosed.append(diag)
             private = math.isfinite(point["epsilon_target"])
+            online = (online_figures(read_log(root / "runs" / name / "metrics.jsonl"))
+                      if "method" in point else {})
+            wall = 1.5 + (0.5 * recipe.methods.index(method) + 0.1 * seed if online else 0)
             rows.append({"run": name, **point, "status": "ok", "error": None, "seed": seed,
                          "sigma": 4.0 / point["epsilon_target"] if private else math.nan,
-                         "wall_seconds": 1.5, **diag})
+                         "wall_seconds": wall, **online, **diag})
         point_rows.append({**point, **aggregate(diagnosed, n_resamples=300),
                            "n_failed": 0})
     runs = pd.DataFrame(rows)

@@ -36,12 +36,14 @@ from dpalign.report.tables import Table, TableCell, cell
 from dpalign.study.analysis import (
     CHANCE,
     COLLAPSE_DROP,
+    OFFLINE,
     RECALL_COLLAPSE_RATIO,
     LrWindow,
     Recommendation,
     TuneSettings,
     collapse_fraction,
     collapsed,
+    method_order,
     ok_runs,
 )
 
@@ -69,6 +71,20 @@ def _eps(rec: Recommendation) -> float:
 
 def _k(rec: Recommendation) -> int:
     return int(rec.tuned.group["k"])
+
+
+def _method(rec: Recommendation) -> str:
+    return str(rec.tuned.group.get("method", OFFLINE))
+
+
+def _methods(recs: Sequence[Recommendation]) -> list[str]:
+    """The study's alignment methods, offline first (:func:`method_order`)."""
+    return sorted({_method(r) for r in recs}, key=method_order)
+
+
+def _group_words(recs: Sequence[Recommendation]) -> str:
+    """What a configuration is tuned per, as the sentences and rules name it."""
+    return "mechanism, ε, K, loss" + (", method" if len(_methods(recs)) > 1 else "")
 
 
 def _primary(recs: Sequence[Recommendation]) -> tuple[str, str] | None:
@@ -309,10 +325,10 @@ def _tuning_sentence(recs: Sequence[Recommendation], tune: TuneSettings) -> str:
         return ("No configuration was chosen by tuning (one configuration per group, or no "
                 f"{tune.metric} recorded): figures are at the study's settings.")
     if tune.split == "public":
-        return (f"Settings were chosen per (mechanism, ε, K, loss) by mean {tune.metric} on a "
+        return (f"Settings were chosen per ({_group_words(recs)}) by mean {tune.metric} on a "
                 f"public validation split, which spends no privacy; figures are on the "
                 f"disjoint test split.")
-    return (f"Settings were chosen per (mechanism, ε, K, loss) by mean {tune.metric} on the "
+    return (f"Settings were chosen per ({_group_words(recs)}) by mean {tune.metric} on the "
             f"private validation split, itself a release that ε does not count (Papernot & "
             f"Steinke 2022); figures are on the disjoint test split.")
 
@@ -325,13 +341,18 @@ def answer_sentences(recs: Sequence[Recommendation], runs: pd.DataFrame, *,
     docstring), each made from the numbers of ``recs`` (from
     :func:`dpalign.study.analysis.recommendations`) and ``runs``."""
     base = base or {}
-    primary = _primary(recs)
+    methods = _methods(recs)
+    focus = [r for r in recs if _method(r) == methods[0]] if len(methods) > 1 else recs
+    primary = _primary(focus)
     sentences: list[str | None] = []
     if primary is not None:
         mechanism, loss = primary
-        sentences += [_close_sentence(recs, mechanism, loss),
-                      _base_sentence(recs, mechanism, loss, base),
-                      _window_sentence(recs, mechanism, loss, thresholds)]
+        about = [_close_sentence(focus, mechanism, loss),
+                 _base_sentence(focus, mechanism, loss, base),
+                 _window_sentence(focus, mechanism, loss, thresholds)]
+        if len(methods) > 1:  # the method compared against the others below the answer
+            about = [s and f"{methods[0].capitalize()} alignment: {s}" for s in about]
+        sentences += about
     else:
         sentences.append("The study has no DP runs, so there is no privacy cost to report.")
     sentences += [_collapse_sentence(runs, recs), _settings_sentence(recs),
@@ -389,14 +410,16 @@ def recommendation_table(recs: Sequence[Recommendation],
     base = base or {}
     settings = [(h, c) for h, c in _SETTING_COLUMNS
                 if any(r.tuned.settings.get(c) is not None for r in recs)]
-    headers = ("mechanism", "ε", "K", "loss", "tuned point", "chosen by",
+    methods = ("method",) if len(_methods(recs)) > 1 else ()
+    headers = ("mechanism", "ε", "K", "loss", *methods, "tuned point", "chosen by",
                *(h for h, _ in settings), "val score", "test held-out reward acc.",
                "POPE-adv acc.", "CHAIR_s", "held-out acc. at fixed settings",
                "stable lr window", "beats base", "collapsed", "seed std (held-out)")
     rows = []
     if base:
         blank = cell(None)
-        rows.append((cell("base model (untrained)"), blank, blank, blank, blank, blank,
+        rows.append((cell("base model (untrained)"), blank, blank, blank,
+                     *(blank for _ in methods), blank, blank,
                      *(blank for _ in settings), blank,
                      TableCell(f"0 (all ties; chance {CHANCE:g})", "0"),
                      cell(base.get("pope_adversarial_accuracy")), cell(base.get("chair_s")),
@@ -408,7 +431,8 @@ def recommendation_table(recs: Sequence[Recommendation],
         rows.append((
             cell(_mech(str(c.group["mechanism"]))),
             cell(eps, format_epsilon(eps).removeprefix("ε=")), cell(int(c.group["k"])),
-            cell(str(c.group["loss"])), cell(c.point), cell(f"{c.basis} (of {c.n_candidates})"),
+            cell(str(c.group["loss"])), *(cell(_method(r)) for _ in methods), cell(c.point),
+            cell(f"{c.basis} (of {c.n_candidates})"),
             *(_setting_cell(c.settings.get(col)) for _, col in settings),
             _estimate_cell(c.score), _estimate_cell(c.test[HELDOUT]), _estimate_cell(c.test[POPE]),
             _estimate_cell(c.test[CHAIR]), _estimate_cell(fixed),

@@ -22,6 +22,7 @@ from dpalign.report.audit import audit_table, run_audit_table
 from dpalign.report.fmt import format_number
 from dpalign.report.html import Block, Page
 from dpalign.report.load import ReportInputError, RunInput, StudyInput
+from dpalign.report.methods import method_rows, methods_table
 from dpalign.report.run_figures import run_figures
 from dpalign.report.series import Cell, cells_from_tables, ok_runs
 from dpalign.report.study_figures import study_figures
@@ -160,7 +161,9 @@ def study_page(study: StudyInput,
         verdicts=study_verdicts(cells, thresholds),
         rules=[*answer_rules(study.tune), *describe_rules(thresholds), diagnostic_rules()],
         figures=study_figures(study, cells),
-        tables=[*filter(None, [audit_table(study.runs)]), points_table(cells, study.points),
+        tables=[*filter(None, [methods_table(method_rows(study.runs, study.tune)),
+                               audit_table(study.runs)]),
+                points_table(cells, study.points),
                 runs_table(study.runs)],
         reproducibility=_study_blocks(study),
     )

@@ -18,7 +18,7 @@ import pandas as pd
 
 from dpalign.diagnostics.trends import Estimate
 from dpalign.report.fmt import format_epsilon
-from dpalign.study.analysis import estimate, ok_runs
+from dpalign.study.analysis import OFFLINE, estimate, method_order, ok_runs
 
 __all__ = [
     "GRID_FIELDS",
@@ -88,7 +88,7 @@ METRICS: dict[str, Metric] = {
 
 MECHANISM_NAMES: dict[str, str] = {"none": "no DP", "dp_sgd": "DP-SGD", "label_dp": "label-DP"}
 
-GRID_FIELDS = ("mechanism", "loss", "lr", "k")
+GRID_FIELDS = ("mechanism", "loss", "method", "lr", "k")
 """The grid coordinates besides epsilon; a series holds all but the one it walks along."""
 
 
@@ -106,6 +106,7 @@ class Cell:
     n_runs: int = 0
     n_failed: int = 0
     stats: Mapping[str, Estimate] = field(default_factory=dict)
+    method: str = OFFLINE
 
     @property
     def private(self) -> bool:
@@ -161,6 +162,14 @@ def _settings(row: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
                         and not (isinstance(value, float) and math.isnan(value))))
 
 
+def _method(row: Mapping[str, Any]) -> str:
+    """The point's alignment method (``offline`` in tables written before there were
+    others)."""
+    value = row.get("method")
+    return OFFLINE if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else str(value)
+
+
 def _cell(row: Mapping[str, Any], runs: pd.DataFrame) -> Cell:
     """One :class:`Cell` from a points row and that point's finished runs. Indicator
     metrics are always computed from the runs; the others come from ``points.parquet`` when
@@ -173,7 +182,8 @@ def _cell(row: Mapping[str, Any], runs: pd.DataFrame) -> Cell:
                 epsilon=float(row["epsilon_target"]), k=int(row["k"]),
                 loss=str(row.get("loss", "dpo")), lr=_grid_lr(row),
                 settings=_settings(row), n_runs=int(row.get("n_runs", len(runs))),
-                n_failed=int(row.get("n_failed", 0) or 0), stats=stats)
+                n_failed=int(row.get("n_failed", 0) or 0), stats=stats,
+                method=_method(row))
 
 
 def cells_from_tables(points: pd.DataFrame, runs: pd.DataFrame) -> list[Cell]:
@@ -204,6 +214,7 @@ class Series:
 _FIELD_TEXT: dict[str, Callable[[Any], str]] = {
     "mechanism": lambda v: MECHANISM_NAMES.get(v, str(v)),
     "loss": lambda v: str(v).upper() if len(str(v)) <= 4 else str(v),
+    "method": str,
     "lr": lambda v: "base lr" if v is None else f"lr={v:g}",
     "k": lambda v: f"K={v}",
     "epsilon": format_epsilon,
@@ -251,31 +262,32 @@ def _dp_mechanisms(cells: Sequence[Cell]) -> list[str]:
     return sorted({c.mechanism for c in cells if c.private}) or ["none"]
 
 
-def _family_key(f: tuple[str, float | None, int, tuple[tuple[str, Any], ...]]) -> tuple:
-    return (f[0], _lr_key(f[1]), f[2], [(k, str(v)) for k, v in f[3]])
+def _family_key(f: tuple[str, float | None, int, tuple[tuple[str, Any], ...], str]) -> tuple:
+    return (f[0], _lr_key(f[1]), f[2], [(k, str(v)) for k, v in f[3]], method_order(f[4]))
 
 
 def epsilon_series(cells: Sequence[Cell]) -> list[Series]:
-    """One series per DP mechanism and (loss, lr, K, settings): that mechanism's points plus
-    the non-private points of the same (loss, lr, K) and non-privacy settings, ordered from
-    no DP to the smallest epsilon. Labels name K always and the mechanism, loss, lr and
-    settings when the study varies them."""
+    """One series per DP mechanism and (loss, method, lr, K, settings): that mechanism's
+    points plus the non-private points of the same (loss, method, lr, K) and non-privacy
+    settings, ordered from no DP to the smallest epsilon. Labels name K always and the
+    mechanism, loss, method, lr and settings when the study varies them."""
     dp_cells = [c for c in cells if c.private]
-    shown = ({"k"} | {name for name in ("loss", "lr") if _varying(cells, name)}
+    shown = ({"k"} | {name for name in ("loss", "method", "lr") if _varying(cells, name)}
              | _varying_settings(cells))
     if len({c.mechanism for c in dp_cells}) > 1:
         shown.add("mechanism")
     out = []
     for mechanism in _dp_mechanisms(cells):
         sources = [c for c in cells if c.mechanism == mechanism] or list(cells)
-        families = sorted({(c.loss, c.lr, c.k, c.settings) for c in sources}, key=_family_key)
-        for loss, lr, k, settings in families:
-            members = [c for c in cells if (c.loss, c.lr, c.k) == (loss, lr, k)
+        families = sorted({(c.loss, c.lr, c.k, c.settings, c.method) for c in sources},
+                          key=_family_key)
+        for loss, lr, k, settings, method in families:
+            members = [c for c in cells if (c.loss, c.lr, c.k, c.method) == (loss, lr, k, method)
                        and ((c.mechanism == mechanism and c.settings == settings)
                             or (not c.private and c.settings == _public(settings)))]
             if not members:
                 continue
-            group = {"mechanism": mechanism, "loss": loss, "lr": lr, "k": k,
+            group = {"mechanism": mechanism, "loss": loss, "method": method, "lr": lr, "k": k,
                      "settings": settings}
             ordered = tuple(sorted(members, key=lambda c: -c.epsilon))
             out.append(Series("epsilon", group, ordered, _label(group, shown)))
@@ -283,23 +295,24 @@ def epsilon_series(cells: Sequence[Cell]) -> list[Series]:
 
 
 def k_series(cells: Sequence[Cell]) -> list[Series]:
-    """One series per (mechanism, loss, lr, epsilon, settings) over K, ordered by K. Labels
-    name epsilon always and the mechanism, loss, lr and settings when the study varies
-    them."""
-    shown = ({"epsilon"} | {n for n in ("loss", "lr") if _varying(cells, n)}
+    """One series per (mechanism, loss, lr, epsilon, settings, method) over K, ordered by K.
+    Labels name epsilon always and the mechanism, loss, method, lr and settings when the
+    study varies them."""
+    shown = ({"epsilon"} | {n for n in ("loss", "method", "lr") if _varying(cells, n)}
              | _varying_settings(cells))
     if len({c.mechanism for c in cells if c.private}) > 1:
         shown.add("mechanism")
-    keys = sorted({(c.mechanism, c.loss, c.lr, c.epsilon, c.settings) for c in cells},
+    keys = sorted({(c.mechanism, c.loss, c.lr, c.epsilon, c.settings, c.method) for c in cells},
                   key=lambda key: (key[0] != "none", key[0], key[1], _lr_key(key[2]),
-                                   -key[3], [(k, str(v)) for k, v in key[4]]))
+                                   -key[3], [(k, str(v)) for k, v in key[4]],
+                                   method_order(key[5])))
     out = []
-    for mechanism, loss, lr, epsilon, settings in keys:
+    for mechanism, loss, lr, epsilon, settings, method in keys:
         members = sorted((c for c in cells
-                          if (c.mechanism, c.loss, c.lr, c.epsilon, c.settings)
-                          == (mechanism, loss, lr, epsilon, settings)),
+                          if (c.mechanism, c.loss, c.lr, c.epsilon, c.settings, c.method)
+                          == (mechanism, loss, lr, epsilon, settings, method)),
                          key=lambda c: c.k)
-        group = {"mechanism": mechanism, "loss": loss, "lr": lr, "epsilon": epsilon,
-                 "settings": settings}
+        group = {"mechanism": mechanism, "loss": loss, "method": method, "lr": lr,
+                 "epsilon": epsilon, "settings": settings}
         out.append(Series("k", group, tuple(members), _label(group, shown)))
     return out

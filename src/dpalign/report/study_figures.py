@@ -1,6 +1,7 @@
 """The study page's figures: training curves, stability and the privacy-utility frontier
-against epsilon, DP signals during training, comparisons of mechanisms and losses, and (audited
-studies) claimed vs audited epsilon.
+against epsilon, DP signals during training, comparisons of alignment methods (offline vs
+online, :mod:`.methods`), mechanisms and losses, and (audited studies) claimed vs audited
+epsilon.
 
 Every builder takes the loaded study and its cells and returns a
 :class:`~dpalign.report.plot.FigureOut` holding PNG bytes, or ``None`` when the study lacks
@@ -22,6 +23,7 @@ from matplotlib.figure import Figure
 from dpalign.report.audit import claimed_vs_audited
 from dpalign.report.fmt import format_epsilon
 from dpalign.report.load import StudyInput
+from dpalign.report.methods import methods_figure
 from dpalign.report.plot import (
     CURVES,
     DP_SIGNALS,
@@ -47,7 +49,7 @@ from dpalign.report.series import (
     epsilon_series,
     ok_runs,
 )
-from dpalign.study.analysis import CHANCE, TEST_METRICS, recommendations
+from dpalign.study.analysis import CHANCE, OFFLINE, TEST_METRICS, recommendations
 
 __all__ = ["STUDY_FIGURES", "dp_signals", "privacy_utility", "stability_vs_epsilon",
            "study_figures", "training_curves"]
@@ -244,22 +246,26 @@ def privacy_utility(study: StudyInput, cells: Sequence[Cell]) -> FigureOut | Non
 
 
 def tuned_series(study: StudyInput) -> list[Series]:
-    """One series per (mechanism, K, loss): the tuned configuration of each epsilon (and
-    the tuned no-DP one), its cell holding the test figures (``TEST_METRICS``)."""
+    """One series per (mechanism, K, loss, method): the tuned configuration of each epsilon
+    (and the tuned no-DP one), its cell holding the test figures (``TEST_METRICS``)."""
     recs = recommendations(study.runs, study.tune, study.base)
     cells: dict[tuple[Any, ...], list[Cell]] = {}
     for rec in recs:
         g = rec.tuned.group
+        method = str(g.get("method", OFFLINE))
         cell = Cell(point=rec.tuned.point, mechanism=str(g["mechanism"]),
                     epsilon=float(g["epsilon_target"]), k=int(g["k"]), loss=str(g["loss"]),
-                    stats=dict(rec.tuned.test))
-        cells.setdefault((int(g["k"]), str(g["loss"])), []).append(cell)
-    losses = {loss for _, loss in cells}
+                    stats=dict(rec.tuned.test), method=method)
+        cells.setdefault((int(g["k"]), str(g["loss"]), method), []).append(cell)
+    losses = {loss for _, loss, _ in cells}
+    methods = {method for _, _, method in cells}
     out = []
-    for (k, loss), members in sorted(cells.items()):
-        label = f"K={k}" + (f", {loss}" if len(losses) > 1 else "")
+    for (k, loss, method), members in sorted(cells.items()):
+        label = (f"K={k}" + (f", {loss}" if len(losses) > 1 else "")
+                 + (f", {method}" if len(methods) > 1 else ""))
         mechanism = next((c.mechanism for c in members if c.private), "none")
-        out.append(Series("epsilon", {"mechanism": mechanism, "k": k, "loss": loss, "lr": None},
+        out.append(Series("epsilon", {"mechanism": mechanism, "k": k, "loss": loss,
+                                      "method": method, "lr": None},
                           tuple(sorted(members, key=lambda c: -c.epsilon)), label))
     return out
 
@@ -347,6 +353,7 @@ def _comparison(field: str, name: str, title: str, what: str
 
 STUDY_FIGURES: dict[str, Callable[[StudyInput, Sequence[Cell]], FigureOut | None]] = {
     "tuned": tuned_frontier,
+    "methods": methods_figure,
     "curves": training_curves,
     "stability": stability_vs_epsilon,
     "frontier": privacy_utility,

@@ -86,6 +86,7 @@ _POINT_COORDINATES: tuple[tuple[str, Callable[[Cell], TableCell]], ...] = (
     ("K", lambda c: cell(c.k)),
     ("loss", lambda c: cell(c.loss)),
 )
+_METHOD_COORDINATE: tuple[str, Callable[[Cell], TableCell]] = ("method", lambda c: cell(c.method))
 _POINT_COUNTS: tuple[tuple[str, Callable[[Cell], TableCell]], ...] = (
     ("runs", lambda c: cell(c.n_runs)),
     ("failed", lambda c: cell(c.n_failed)),
@@ -121,9 +122,11 @@ def points_table(cells: Sequence[Cell], points: pd.DataFrame | None = None) -> T
     metric."""
     keys = [k for k in _POINT_METRICS if any(c.get(k).measured for c in cells)]
     setting_headers, setting_cells = _point_settings(cells, points)
-    headers = ([name for name, _ in _POINT_COORDINATES] + setting_headers
+    coordinates = _POINT_COORDINATES + ((_METHOD_COORDINATE,)
+                                        if len({c.method for c in cells}) > 1 else ())
+    headers = ([name for name, _ in coordinates] + setting_headers
                + [name for name, _ in _POINT_COUNTS] + [METRICS[k].label for k in keys])
-    rows = tuple(tuple(make(c) for _, make in _POINT_COORDINATES) + settings
+    rows = tuple(tuple(make(c) for _, make in coordinates) + settings
                  + tuple(make(c) for _, make in _POINT_COUNTS)
                  + tuple(_estimate_cell(c.get(k)) for k in keys)
                  for c, settings in zip(cells, setting_cells, strict=True))
@@ -136,6 +139,7 @@ def points_table(cells: Sequence[Cell], points: pd.DataFrame | None = None) -> T
 _RUN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("run", "run"), ("status", "status"), ("mechanism", "mechanism"),
     ("ε target", "epsilon_target"), ("K", "k"), ("seed", "seed"), ("loss", "loss"),
+    ("method", "method"),
     *SETTINGS, ("σ", "sigma"), ("ε spent", "epsilon"),
     ("audited ε ≥", "audit_epsilon_lower_bound"), ("audit AUC", "audit_auc"),
     ("steps run", "n_steps"),
@@ -145,8 +149,17 @@ _RUN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("clip fraction", "mean_clip_fraction"), ("noise/signal", "mean_noise_to_signal"),
     ("KL final", "kl_final"), ("reward acc.", "final_heldout_reward_accuracy"),
     ("POPE adv. acc.", "final_pope_adversarial_accuracy"), ("CHAIR_s", "final_chair_s"),
-    ("CHAIR_i", "final_chair_i"), ("wall s", "wall_seconds"), ("error", "error"),
+    ("CHAIR_i", "final_chair_i"), ("wall s", "wall_seconds"),
+    ("generation s", "online_seconds"), ("pair yield", "online_pair_yield"),
+    ("best online score (end)", "online_score_best_final"), ("error", "error"),
 )
+_SHOWN_WHEN: dict[str, Callable[[pd.Series], bool]] = {
+    "method": lambda s: s.nunique(dropna=False) > 1,
+    **dict.fromkeys(("online_seconds", "online_pair_yield", "online_score_best_final"),
+                    lambda s: bool(s.notna().any())),
+}
+"""Columns shown only when they say something: the method when the study compares several,
+the online figures when some run sampled online."""
 _CELL_MAKERS: dict[str, Callable[[Any], TableCell]] = {
     "epsilon_target": _epsilon_cell,
     "epsilon": _epsilon_cell,
@@ -163,7 +176,8 @@ def _python(value: Any) -> Any:
 
 def runs_table(runs: pd.DataFrame) -> Table:
     """One row per run, the columns of :data:`_RUN_COLUMNS` that the study has."""
-    present = [(h, c) for h, c in _RUN_COLUMNS if c in runs]
+    present = [(h, c) for h, c in _RUN_COLUMNS
+               if c in runs and _SHOWN_WHEN.get(c, lambda _: True)(runs[c])]
     rows = tuple(
         tuple(_CELL_MAKERS.get(column, cell)(_python(record[column])) for _, column in present)
         for record in runs.to_dict(orient="records"))

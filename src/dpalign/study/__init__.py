@@ -1,5 +1,6 @@
-"""Studies: a grid of training runs over mechanism, epsilon, shots K, seeds, loss and lr,
-run in parallel and resumably, summarised into Parquet tables (see ``run.py``)."""
+"""Studies: a grid of training runs over mechanism, epsilon, shots K, seeds, loss, alignment
+method and lr, run in parallel and resumably, summarised into Parquet tables (see
+``run.py``)."""
 
 from dpalign.study.config import PRESETS, GridConfig, StudyConfig, load_study, preset_path
 from dpalign.study.grid import Point, expand, train_config

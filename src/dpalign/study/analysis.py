@@ -1,12 +1,14 @@
 """The study's answer as pure functions of its runs table (``runs.parquet``, a row per run;
 a grid point is a ``point`` value, its rows are its seeds). Nothing here reads files.
 
-**Tuning protocol** (:func:`tuned_choices`): for each (mechanism, epsilon_target, k, loss) the
-configuration (point) with the best mean *validation* score over its finished seeds
+**Tuning protocol** (:func:`tuned_choices`): for each (mechanism, epsilon_target, k, loss,
+method) the configuration (point) with the best mean *validation* score over its finished seeds
 (``tune.metric``, default ``final_val_reward_accuracy``; higher is better, lower for CHAIR-type
 metrics) is chosen, and its *test* figures are reported: the held-out pairs' test part
 (``final_heldout_reward_accuracy``), POPE-adversarial accuracy and CHAIR_s, each a mean with
-a 95% bootstrap CI over seeds. Beside it, :func:`fixed_choices` gives the point "at fixed
+a 95% bootstrap CI over seeds. The alignment method (offline / online / mixed / bdhs,
+``method``; ``offline`` for tables written before it existed, :func:`with_method`) is
+compared, never tuned over. Beside it, :func:`fixed_choices` gives the point "at fixed
 settings" (``tune.fixed``; axes not named take their first value). Choosing hyperparameters on
 *private* validation data is itself a release that epsilon does not count (Papernot &
 Steinke 2022, "Hyperparameter Tuning with Renyi Differential Privacy"); ``tune.split =
@@ -46,6 +48,7 @@ import pandas as pd
 
 from dpalign.diagnostics import LOWER_IS_BETTER, summarize
 from dpalign.diagnostics.trends import Estimate
+from dpalign.online.config import METHODS
 
 __all__ = [
     "CHANCE",
@@ -66,6 +69,7 @@ __all__ = [
     "fixed_choices",
     "heldout_drop",
     "lr_window",
+    "method_order",
     "ok_runs",
     "recall_collapsed",
     "recommendations",
@@ -75,6 +79,7 @@ __all__ = [
     "stable_lr_window",
     "tuned_choices",
     "versus_base",
+    "with_method",
 ]
 
 CHANCE = 0.5
@@ -83,8 +88,10 @@ COLLAPSE_DROP = 0.05
 """A run collapses when its held-out reward accuracy falls more than this from its best."""
 RECALL_COLLAPSE_RATIO = 0.5
 """A run's captions have stopped naming objects when recall < this x the base's recall."""
-GROUP = ("mechanism", "epsilon_target", "k", "loss")
-"""What a configuration is tuned per."""
+GROUP = ("mechanism", "epsilon_target", "k", "loss", "method")
+"""What a configuration is tuned per (the method is compared, never tuned over)."""
+OFFLINE = "offline"
+"""The method of runs tables without a ``method`` column (studies before online DPO)."""
 SETTINGS = ("lr", "max_grad_norm", "clipping", "optimizer", "batch_size", "sample_rate",
             "steps", "lora_r")
 """Effective-setting columns (constant within a point)."""
@@ -111,6 +118,15 @@ class TuneSettings:
 
 
 # ---------------------------------------------------------------- small helpers
+
+
+def with_method(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with a ``method`` column: :data:`OFFLINE` where missing (older tables)."""
+    if "method" in runs and runs["method"].notna().all():
+        return runs
+    method = runs["method"] if "method" in runs else pd.Series(None, index=runs.index,
+                                                                dtype=object)
+    return runs.assign(method=method.fillna(OFFLINE).astype(str))
 
 
 def ok_runs(runs: pd.DataFrame) -> pd.DataFrame:
@@ -169,13 +185,20 @@ def _group_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 def _group_order(key: tuple[Any, ...]) -> tuple[Any, ...]:
-    """No DP first, then epsilon from large to small, K ascending."""
-    mechanism, epsilon, k, loss = key
-    return (mechanism != "none", str(mechanism), -float(epsilon), int(k), str(loss))
+    """No DP first, then epsilon from large to small, K ascending; offline first, then the
+    other methods in ``dpalign.online.config.METHODS`` order."""
+    mechanism, epsilon, k, loss, method = key
+    return (mechanism != "none", str(mechanism), -float(epsilon), int(k), str(loss),
+            method_order(str(method)))
+
+
+def method_order(method: str) -> tuple[int, str]:
+    """Sort key of a method: offline first, then ``dpalign.online.config.METHODS`` order."""
+    return (METHODS.index(method) if method in METHODS else len(METHODS), method)
 
 
 def _groups(runs: pd.DataFrame) -> list[tuple[tuple[Any, ...], pd.DataFrame]]:
-    ok = ok_runs(runs)
+    ok = with_method(ok_runs(runs))
     if ok.empty:
         return []
     keyed = {key: frame for key, frame in ok.groupby(list(GROUP), sort=False, dropna=False)}
@@ -339,8 +362,8 @@ def _matches(runs: pd.DataFrame, settings: Mapping[str, Any]) -> pd.Series:
 
 def stable_lr_window(runs: pd.DataFrame, fixed: Mapping[str, Any] | None = None,
                      threshold: float = COLLAPSE_DROP) -> LrWindow:
-    """The :class:`LrWindow` of one (mechanism, epsilon, K, loss) group's finished ``runs``
-    whose other settings equal ``fixed`` (columns ending in ``lr`` are ignored there: they
+    """The :class:`LrWindow` of one (mechanism, epsilon, K, loss, method) group's finished
+    ``runs`` whose other settings equal ``fixed`` (columns ending in ``lr`` are ignored there: they
     are the lr axis). An lr is stable when every seed at it is :func:`stable`."""
     ok = ok_runs(runs)
     others = {c: v for c, v in (fixed or {}).items() if not str(c).endswith("lr")}

@@ -13,6 +13,8 @@ grid:
   k: [32, 128]
   seed: [0, 1, 2]
   loss: [dpo]
+  method: [offline]          # offline | online | mixed | bdhs (dpalign.online): compared,
+                             # never tuned over; non-offline runs are named ...-dpo-online-s0
   lr: [null]                 # null = base optim.lr (or the mechanism's override)
   privacy.max_grad_norm: [0.3, 1.0]   # any dotted TrainConfig key is an axis too
   sample_rate: [0.25, 1.0]   # expected batch as a fraction of K (train.batch_size = q K)
@@ -34,9 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from dpalign.audit.config import AuditConfig
 from dpalign.config import ConfigError, load_yaml_config
+from dpalign.online.config import METHODS
 
 Mechanism = Literal["none", "dp_sgd", "label_dp"]
-PRESETS = ("quickstart", "full", "answer")
+PRESETS = ("quickstart", "full", "answer", "online")
 SAMPLE_RATE = "sample_rate"
 """The one axis that is not a dotted key: the expected batch as a fraction q of K, so that
 ``train.batch_size = max(1, round(q K))`` (the DP sample rate is then q)."""
@@ -63,6 +66,17 @@ class GridConfig(BaseModel):
     seed: list[int] = Field(default_factory=lambda: [0], min_length=1)
     loss: list[str] = Field(default_factory=lambda: ["dpo"], min_length=1)
     lr: list[float | None] = Field(default_factory=lambda: [None], min_length=1)
+    method: list[str] = Field(default_factory=lambda: ["offline"], min_length=1)
+
+    @field_validator("method")
+    @classmethod
+    def _methods(cls, values: list[str]) -> list[str]:
+        bad = [v for v in values if v not in METHODS]
+        if bad:
+            raise ValueError(f"unknown method(s) {bad}; known: {', '.join(METHODS)}")
+        if len(set(values)) != len(values):
+            raise ValueError(f"method: each method once, got {values}")
+        return values
 
     @field_validator("epsilon")
     @classmethod
@@ -84,7 +98,7 @@ class GridConfig(BaseModel):
         for key, values in (self.model_extra or {}).items():
             if key != SAMPLE_RATE and "." not in key:
                 raise ValueError(f"grid.{key}: not an axis; axes are mechanism, epsilon, k, "
-                                 "seed, loss, lr, sample_rate and dotted TrainConfig keys "
+                                 "seed, loss, lr, method, sample_rate and dotted TrainConfig keys "
                                  "(e.g. privacy.max_grad_norm)")
             if key in RESERVED:
                 raise ValueError(f"grid.{key}: set by the grid itself; use grid.{RESERVED[key]}")
@@ -102,7 +116,8 @@ class GridConfig(BaseModel):
 
 
 class TuneConfig(BaseModel):
-    """How the study picks a configuration per (mechanism, epsilon, K, loss).
+    """How the study picks a configuration per (mechanism, epsilon, K, loss, method): the
+    method (offline / online / mixed / bdhs) is compared, never tuned over.
 
     ``metric``: a runs-table column (higher is better) averaged over seeds; by default the
     validation part of the held-out pairs. ``split``: ``private`` (the validation pairs come
@@ -121,9 +136,10 @@ class TuneConfig(BaseModel):
 
 class HalvingConfig(BaseModel):
     """Successive halving over each tuning group's configurations (same mechanism, epsilon,
-    K and loss): every configuration first runs with the first ``seeds`` seeds of
-    ``grid.seed``; then only the best ``ceil(keep x n)`` by ``tune.metric`` (mean over those
-    seeds) run the remaining seeds. The others are recorded as ``pruned``."""
+    K, loss and method: one method is never pruned in favour of another): every
+    configuration first runs with the first ``seeds`` seeds of ``grid.seed``; then only the
+    best ``ceil(keep x n)`` by ``tune.metric`` (mean over those seeds) run the remaining
+    seeds. The others are recorded as ``pruned``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -148,6 +164,14 @@ class StudyConfig(BaseModel):
     halving: HalvingConfig | None = None
     workers: int = Field(2, ge=1, description="runs at the same time (local backend)")
     audit: AuditConfig | None = None
+
+    @model_validator(mode="after")
+    def _method_from_grid(self) -> StudyConfig:
+        """A run's method is its grid point's (``grid.method``), never the base's."""
+        if "method" in self.base or any("method" in o for o in self.overrides.values()):
+            raise ValueError("the method is set by grid.method (a list: offline, online, "
+                             "mixed, bdhs), not by base or overrides")
+        return self
 
 
 def preset_path(name: str) -> Path:

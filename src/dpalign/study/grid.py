@@ -13,9 +13,10 @@ Setting axes (dotted ``TrainConfig`` keys and ``sample_rate``) apply last, over 
 the mechanism's overrides. ``privacy.*`` settings mean nothing without DP-SGD: runs of the
 other mechanisms drop them, so the no-noise run is not repeated once per clipping norm.
 
-Run names read ``{mechanism}-eps{eps}-k{k}-{loss}[-lr{lr}][-{setting}...]-s{seed}``, each
-setting written short (``SHORT``: ``C0.3``, ``q0.25``, ``T60``, ``adaptive``, ``dpadam_bc``);
-the grid point is the name without the seed.
+Run names read ``{mechanism}-eps{eps}-k{k}-{loss}[-{method}][-lr{lr}][-{setting}...]-s{seed}``,
+each setting written short (``SHORT``: ``C0.3``, ``q0.25``, ``T60``, ``adaptive``,
+``dpadam_bc``); the method (``grid.method``) only when it is not ``offline``, so studies
+without a method axis keep their names; the grid point is the name without the seed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from dpalign.train.config import TrainConfig
 from dpalign.world.load import World
 
 LABEL_DP_LOSS = {"dpo": "robust"}
+OFFLINE = "offline"
+"""The method of runs trained on the recorded pairs (``TrainConfig.method``'s default)."""
 SHORT = {"optim.lr": "lr", "privacy.max_grad_norm": "C", SAMPLE_RATE: "q", "train.steps": "T",
          "train.batch_size": "b", "lora.r": "r", "loss.beta": "beta", "optim.name": "",
          "privacy.clipping": "", "optim.weight_decay": "wd", "optim.schedule": ""}
@@ -60,13 +63,15 @@ class Point:
     lr: float | None
     seed: int
     settings: Settings = ()
+    method: str = OFFLINE
 
     @property
     def point(self) -> str:
         eps = "inf" if math.isinf(self.epsilon) else f"{self.epsilon:g}"
+        method = "" if self.method == OFFLINE else f"-{self.method}"
         lr = "" if self.lr is None else f"-lr{self.lr:g}"
         extra = "".join(f"-{setting_label(k, v)}" for k, v in self.settings)
-        return f"{self.mechanism}-eps{eps}-k{self.k}-{self.loss}{lr}{extra}"
+        return f"{self.mechanism}-eps{eps}-k{self.k}-{self.loss}{method}{lr}{extra}"
 
     @property
     def name(self) -> str:
@@ -77,7 +82,7 @@ class Point:
         lr = {} if self.lr is None else {"optim.lr": self.lr}  # the grid's lr axis
         return {"run": self.name, "point": self.point, "mechanism": self.mechanism,
                 "epsilon_target": self.epsilon, "k": self.k, "loss": self.loss,
-                "seed": self.seed, **lr, **dict(self.settings)}
+                "method": self.method, "seed": self.seed, **lr, **dict(self.settings)}
 
 
 def normalise(mechanism: str, epsilon: float) -> tuple[str, float]:
@@ -94,24 +99,24 @@ def _settings(mechanism: str, keys: list[str], values: tuple[Any, ...]) -> Setti
 
 
 def expand(study: StudyConfig) -> list[Point]:
-    """Every distinct run of the grid, sorted (mechanism, epsilon, k, loss, lr, settings in
-    grid order, seed)."""
+    """Every distinct run of the grid, sorted (mechanism, epsilon, k, loss, method in grid
+    order, lr, settings in grid order, seed)."""
     g = study.grid
     keys = list(g.settings)
     points = set()
-    for m, e, k, loss, lr, s, *values in itertools.product(
-            g.mechanism, g.epsilon, g.k, g.loss, g.lr, g.seed, *g.settings.values()):
+    for m, e, k, loss, method, lr, s, *values in itertools.product(
+            g.mechanism, g.epsilon, g.k, g.loss, g.method, g.lr, g.seed, *g.settings.values()):
         mechanism, epsilon = normalise(m, e)
         points.add(Point(mechanism, epsilon, k, loss, lr, s,
-                         _settings(mechanism, keys, tuple(values))))
+                         _settings(mechanism, keys, tuple(values)), method))
     order = {key: {_text(v): i for i, v in enumerate(vals)} for key, vals in g.settings.items()}
     return sorted(points, key=lambda p: (
-        p.mechanism, p.epsilon, p.k, p.loss, -1.0 if p.lr is None else p.lr,
-        [order[k][_text(v)] for k, v in p.settings], p.seed))
+        p.mechanism, p.epsilon, p.k, p.loss, g.method.index(p.method),
+        -1.0 if p.lr is None else p.lr, [order[k][_text(v)] for k, v in p.settings], p.seed))
 
 
 def _mechanism(point: Point) -> dict[str, Any]:
-    """The privacy section and loss name a mechanism implies."""
+    """The privacy section and loss name a mechanism implies, and the point's method."""
     privacy = {
         "none": {"enabled": False},
         "dp_sgd": {"enabled": True, "target_epsilon": point.epsilon, "noise_multiplier": None,
@@ -120,7 +125,7 @@ def _mechanism(point: Point) -> dict[str, Any]:
     }[point.mechanism]
     loss = (LABEL_DP_LOSS.get(point.loss, point.loss) if point.mechanism == "label_dp"
             else point.loss)
-    return {"privacy": privacy, "loss": {"name": loss}}
+    return {"privacy": privacy, "loss": {"name": loss}, "method": point.method}
 
 
 def train_config(study: StudyConfig, point: Point) -> TrainConfig:

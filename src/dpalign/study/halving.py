@@ -1,7 +1,9 @@
 """Successive halving over a study's configurations (pure functions over the runs table).
 
-A tuning group is the runs that share (mechanism, epsilon, K, loss); its configurations are
-its grid points. After the first rung (every point with the first seeds), a group keeps its
+A tuning group is the runs that share (mechanism, epsilon, K, loss, method); its
+configurations are its grid points. The method is compared, never tuned over: each method's
+configurations compete only among themselves, so no method is pruned in favour of another.
+After the first rung (every point with the first seeds), a group keeps its
 ``ceil(keep x n)`` best points by the mean of the tuning metric over their finished runs;
 only those run the other seeds. Ties and missing values: a point with no finished run, or
 a NaN mean, ranks last; equal means keep the point that sorts first by name.
@@ -14,14 +16,16 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from dpalign.study.grid import Point
+from dpalign.study.grid import OFFLINE, Point
 
 
-def _configurations(points: Sequence[Point]) -> dict[tuple[str, float, int, str], set[str]]:
+def _configurations(points: Sequence[Point]
+                    ) -> dict[tuple[str, float, int, str, str], set[str]]:
     """Each tuning group's configurations (grid point names without the seed)."""
-    groups: dict[tuple[str, float, int, str], set[str]] = {}
+    groups: dict[tuple[str, float, int, str, str], set[str]] = {}
     for p in points:
-        groups.setdefault((p.mechanism, p.epsilon, p.k, p.loss), set()).add(p.point)
+        method = getattr(p, "method", OFFLINE)  # any object with Point's fields will do
+        groups.setdefault((p.mechanism, p.epsilon, p.k, p.loss, method), set()).add(p.point)
     return groups
 
 

@@ -2,13 +2,15 @@
 grid point, aggregated over seeds), both rebuilt from the run directories alone.
 
 ``runs.parquet`` columns: the grid's (``run, point, mechanism, epsilon_target, k, loss,
-seed`` and one per setting axis, named by its dotted key), the run's effective settings
+method, seed`` and one per setting axis, named by its dotted key), the run's effective settings
 (``dpalign.study.grid.EFFECTIVE``: ``lr``, ``optimizer``, ``batch_size``, ``sample_rate``,
 ``steps``, ``max_grad_norm``, ``clipping``, ``lora_r``), ``status`` (ok | failed | pending
 | pruned), ``error``, ``sigma`` (DP-SGD noise multiplier),
 ``epsilon`` (spent: DP-SGD's accountant value; label-DP's label-level epsilon, a different
 guarantee; inf without noise), ``epsilon_kind`` (example | user | label | none),
-``wall_seconds`` and every diagnostic of ``dpalign.diagnostics.RunDiagnostics.as_dict``
+``wall_seconds``, the online figures of :data:`dpalign.study.online.ONLINE_COLUMNS`
+(``online_pair_yield``, ``online_seconds``, ``online_score_best_final``: NaN for runs
+without online steps) and every diagnostic of ``dpalign.diagnostics.RunDiagnostics.as_dict``
 (``final_pope_adversarial_accuracy``, ``loss_volatility``, ...). Runs with ``audit.json`` (an
 audited study, ``dpalign.audit``) add :data:`AUDIT_COLUMNS` (``audit_claimed_epsilon``: inf
 where the claim is infinite, ``audit_epsilon_lower_bound``, ``audit_auc``, ...); NaN in the
@@ -37,9 +39,10 @@ from dpalign.diagnostics import aggregate
 from dpalign.io import atomic_write_bytes
 from dpalign.rundir import RunDir
 from dpalign.study.grid import EFFECTIVE, Point, effective_settings
+from dpalign.study.online import online_figures
 from dpalign.train.config import TrainConfig
 
-GRID_COLUMNS = ("point", "mechanism", "epsilon_target", "k", "loss", *EFFECTIVE)
+GRID_COLUMNS = ("point", "mechanism", "epsilon_target", "k", "loss", "method", *EFFECTIVE)
 NOT_AGGREGATED = ("seed", "diverged_step", *GRID_COLUMNS)
 
 
@@ -89,6 +92,7 @@ def run_row(point: Point, run_dir: Path, config: TrainConfig, pruned: bool = Fal
     diagnostics = _json(files.diagnostics) or {}
     return {**row, "status": "ok", **_privacy_columns(result),
             "wall_seconds": result.get("wall_seconds"), "stopped": result.get("stopped"),
+            **online_figures(files.read_metrics() if files.metrics.is_file() else []),
             **{k: v for k, v in diagnostics.items() if k != "epsilon"},
             **audit_columns(_json(files.audit))}
 
