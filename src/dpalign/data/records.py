@@ -14,10 +14,10 @@ import codecs
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from PIL import Image
 from pydantic import ValidationError
@@ -43,8 +43,23 @@ class ValidationSummary:
     error_kinds: dict[str, int]  # metadata.error_kind -> count of records
 
 
-def read_preference_jsonl(path: str | Path, *, check_images: bool = True) -> list[PreferenceRecord]:
-    """Read and validate a preference JSONL file; image paths come back absolute.
+class Parsed(Protocol):
+    """What a line parser returns: an item with an ``id`` and its ``images`` as written."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def images(self) -> tuple[str, ...]: ...
+
+
+P = TypeVar("P", bound=Parsed)
+
+
+def read_checked_jsonl(path: str | Path, parse: Callable[[dict[str, Any], int], P], *,
+                       check_images: bool = True) -> list[tuple[P, tuple[str, ...]]]:
+    """Each line's item, ``parse(object, line number)`` (which raises ``ValidationError``
+    when the line breaks its schema), with its image paths made absolute.
 
     Blank lines are skipped. Every problem (bad JSON, schema errors, duplicate ids, missing
     or unreadable images when ``check_images``) is collected in one pass, then all are
@@ -57,7 +72,7 @@ def read_preference_jsonl(path: str | Path, *, check_images: bool = True) -> lis
         problem = "not a regular file" if path.exists() else "file not found"
         raise DataValidationError([DataIssue(path, 0, problem)])
     issues: list[DataIssue] = []
-    records: list[PreferenceRecord] = []
+    items: list[tuple[P, tuple[str, ...]]] = []
     first_line_of_id: dict[str, int] = {}
     image_problems: dict[str, str | None] = {}  # absolute path -> problem; checked once
     base = path.parent.absolute()
@@ -67,27 +82,39 @@ def read_preference_jsonl(path: str | Path, *, check_images: bool = True) -> lis
         obj = _json_object(text, path, line_no, issues)
         if obj is None:
             continue
-        record = _validate_record(obj, path, line_no, issues)
-        record_id = record.id if record is not None else _raw_id(obj)
-        duplicate = record_id is not None and record_id in first_line_of_id
-        if record_id is not None and duplicate:
-            message = f"duplicate id '{record_id}' (first on line {first_line_of_id[record_id]})"
+        try:
+            item: P | None = parse(obj, line_no)
+        except ValidationError as error:
+            item = None
+            issues.extend(DataIssue(path, line_no, message, field)
+                          for field, message in validation_problems(error))
+        item_id = item.id if item is not None else _raw_id(obj)
+        duplicate = item_id is not None and item_id in first_line_of_id
+        if item_id is not None and duplicate:
+            message = f"duplicate id '{item_id}' (first on line {first_line_of_id[item_id]})"
             issues.append(DataIssue(path, line_no, message, "id"))
-        elif record_id is not None:
-            first_line_of_id[record_id] = line_no
+        elif item_id is not None:
+            first_line_of_id[item_id] = line_no
         if check_images:
             for field, image in _raw_images(obj):
                 problem = _cached_image_problem(_absolute(image, base), image_problems)
                 if problem is not None:
                     issues.append(DataIssue(path, line_no, f"image '{image}' {problem}", field))
-        if record is not None and not duplicate:
-            resolved = tuple(_absolute(image, base) for image in record.images)
-            records.append(record.model_copy(update={"images": resolved}))
+        if item is not None and not duplicate:
+            items.append((item, tuple(_absolute(image, base) for image in item.images)))
     if n_lines == 0 and not issues:
         issues.append(DataIssue(path, 0, "file is empty: no records"))
     if issues:
         raise DataValidationError(sorted(issues, key=lambda issue: issue.line))
-    return records
+    return items
+
+
+def read_preference_jsonl(path: str | Path, *, check_images: bool = True) -> list[PreferenceRecord]:
+    """Read and validate a preference JSONL file (``read_checked_jsonl``); image paths come
+    back absolute."""
+    return [record.model_copy(update={"images": images}) for record, images in
+            read_checked_jsonl(path, lambda obj, _: PreferenceRecord.model_validate(obj),
+                               check_images=check_images)]
 
 
 def validate_preference_file(path: str | Path, *, check_images: bool = True) -> ValidationSummary:
@@ -161,18 +188,6 @@ def _json_object(
         issues.append(DataIssue(path, line_no, message))
         return None
     return obj
-
-
-def _validate_record(
-    obj: dict[str, Any], path: Path, line_no: int, issues: list[DataIssue]
-) -> PreferenceRecord | None:
-    """The record ``obj`` describes, or None with its schema problems added to ``issues``."""
-    try:
-        return PreferenceRecord.model_validate(obj)
-    except ValidationError as error:
-        issues.extend(DataIssue(path, line_no, message, field)
-                      for field, message in validation_problems(error))
-        return None
 
 
 def _raw_id(obj: dict[str, Any]) -> str | None:

@@ -45,26 +45,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from transformers import PreTrainedModel, ProcessorMixin
 
-from dpalign.data.errors import DataIssue, DataValidationError
-from dpalign.data.records import (
-    _absolute,
-    _cached_image_problem,
-    _json_object,
-    _non_blank_lines,
-    _raw_id,
-    _raw_images,
-    write_preference_jsonl,
-)
+from dpalign.data.records import read_checked_jsonl, write_preference_jsonl
 from dpalign.data.schema import (
     IdStr,
     NonEmptyStr,
     PairMetadata,
     PreferenceRecord,
-    validation_problems,
 )
 from dpalign.online.config import BDHSConfig
 from dpalign.online.embed import cosine
@@ -307,46 +297,9 @@ def read_bdhs_inputs(path: str | Path, *, check_images: bool = True) -> list[BDH
     """The answers of a JSONL file of answer lines (``AnswerRecord``) or preference lines
     (their ``chosen``), image paths made absolute against the file's folder. Every problem
     (bad JSON, schema, duplicate ids, missing or unreadable images) is raised together as one
-    ``DataValidationError`` naming the file and line, as ``read_preference_jsonl`` does."""
-    path = Path(path)
-    if not path.is_file():
-        problem = "not a regular file" if path.exists() else "file not found"
-        raise DataValidationError([DataIssue(path, 0, problem)])
-    issues: list[DataIssue] = []
-    items: list[BDHSInput] = []
-    first_line: dict[str, int] = {}
-    image_cache: dict[str, str | None] = {}
-    base = path.parent.absolute()
-    for line_no, text in _non_blank_lines(path, issues):
-        obj = _json_object(text, path, line_no, issues)
-        if obj is None:
-            continue
-        try:
-            item: BDHSInput | None = _input(obj, line_no)
-        except ValidationError as error:
-            item = None
-            issues.extend(DataIssue(path, line_no, message, fld)
-                          for fld, message in validation_problems(error))
-        record_id = item.id if item is not None else _raw_id(obj)
-        if record_id is not None and record_id in first_line:
-            issues.append(DataIssue(path, line_no, f"duplicate id '{record_id}' (first on "
-                                                   f"line {first_line[record_id]})", "id"))
-            item = None
-        elif record_id is not None:
-            first_line[record_id] = line_no
-        if check_images:
-            for fld, image in _raw_images(obj):
-                problem = _cached_image_problem(_absolute(image, base), image_cache)
-                if problem is not None:
-                    issues.append(DataIssue(path, line_no, f"image '{image}' {problem}", fld))
-        if item is not None:
-            items.append(BDHSInput(item.id, tuple(_absolute(i, base) for i in item.images),
-                                   item.prompt, item.answer, item.metadata))
-    if not items and not issues:
-        issues.append(DataIssue(path, 0, "file is empty: no records"))
-    if issues:
-        raise DataValidationError(sorted(issues, key=lambda issue: issue.line))
-    return items
+    ``DataValidationError`` naming the file and line (``read_checked_jsonl``)."""
+    return [BDHSInput(item.id, images, item.prompt, item.answer, item.metadata)
+            for item, images in read_checked_jsonl(path, _input, check_images=check_images)]
 
 
 def bdhs_record(item: BDHSInput, result: BDHSResult) -> PreferenceRecord:

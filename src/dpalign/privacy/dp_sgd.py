@@ -119,9 +119,10 @@ def scale_within(per_unit_grads: Grads, factor: Tensor, max_norm: float,
                        f"norms {after[over].tolist()}")
 
 
-def empty_units(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Zero units, ``{name: Tensor (0, *p.shape)}``: the gradients of an empty Poisson batch."""
-    return {name: p.new_zeros((0, *p.shape)) for name, p in params.items()}
+def empty_units(params: Mapping[str, Tensor], n: int = 0) -> dict[str, Tensor]:
+    """``n`` zero units, ``{name: Tensor (n, *p.shape)}``: with n = 0 the gradients of an
+    empty Poisson batch; else units that got no example (an online tie)."""
+    return {name: p.new_zeros((n, *p.shape)) for name, p in params.items()}
 
 
 def noisy_mean(clipped: Grads, sigma: float, max_norm: float, expected_batch: float,
@@ -163,11 +164,18 @@ def group_by_unit(per_example_grads: Grads,
                          f"{_units(per_example_grads)} per-example gradients")
     order: dict[Hashable, int] = {}
     rows = [order.setdefault(uid, len(order)) for uid in unit_ids]
+    return sum_into_units(per_example_grads, rows, len(order)), list(order)
+
+
+def sum_into_units(per_example_grads: Grads, owner: Sequence[int], n_units: int
+                   ) -> dict[str, Tensor]:
+    """Per-example gradients ``{name: (B, *shape)}`` summed into ``n_units`` units by
+    ``owner`` (B,) unit indices: ``{name: (n_units, *shape)}``; a unit owning no example is
+    zero."""
     first = next(iter(per_example_grads.values()))
-    index = torch.tensor(rows, dtype=torch.long, device=first.device)
-    grouped = {name: g.new_zeros((len(order), *g.shape[1:])).index_add_(0, index, g)
-               for name, g in per_example_grads.items()}
-    return grouped, list(order)
+    index = torch.tensor(list(owner), dtype=torch.long, device=first.device)
+    return {name: g.new_zeros((n_units, *g.shape[1:])).index_add_(0, index, g)
+            for name, g in per_example_grads.items()}
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from dpalign.losses.objective import Objective
 from dpalign.models.pairs import EncodedPair
 from dpalign.online.source import OfflinePairs, PairSource
 from dpalign.privacy.clipping import CLIPPING, next_clip_norm
-from dpalign.privacy.dp_sgd import step_diagnostics
+from dpalign.privacy.dp_sgd import empty_units, step_diagnostics, sum_into_units
 from dpalign.privacy.per_pair import Engine
 from dpalign.privacy.plan import (
     AUDIT_STREAM,
@@ -221,11 +221,13 @@ class DPStep:
         got = self.pair_source(step, mine + canaries)
         idx = [i for unit in got.groups for i in unit]
         if not idx:
-            return self._zero_units(len(got.groups)), {"loss": None, **got.metrics}
+            return (empty_units(self.engine.params, len(got.groups)),
+                    {"loss": None, **got.metrics})
         grads, out = chunked_grads(self.engine, got.pairs, idx, got.ref, self.objective,
                                    self.pad_id, self.cfg.train.micro_batch_size)
         if any(len(unit) != 1 for unit in got.groups):  # users, or units without a pair
-            grads = self._sum_units(grads, got.groups)
+            grads = sum_into_units(grads, [u for u, unit in enumerate(got.groups)
+                                           for _ in unit], len(got.groups))
         real = sum(len(unit) for unit in got.groups[:len(mine)])
         if not real:
             return grads, {"loss": None, **got.metrics}
@@ -237,16 +239,3 @@ class DPStep:
     def pair_source(self) -> PairSource:
         """Where the step's pairs come from: ``source``, else the recorded pairs."""
         return self.source or OfflinePairs(self.pairs, self.ref)
-
-    def _zero_units(self, n: int) -> dict[str, torch.Tensor]:
-        return {name: p.new_zeros((n, *p.shape)) for name, p in self.engine.params.items()}
-
-    @staticmethod
-    def _sum_units(grads: dict[str, torch.Tensor], groups: list[list[int]]
-                   ) -> dict[str, torch.Tensor]:
-        """Pair gradients ``{name: (P, *shape)}`` summed per unit: ``{name: (U, *shape)}``,
-        U = len(groups), zero for a unit with no pair."""
-        index = torch.tensor([u for u, unit in enumerate(groups) for _ in unit],
-                             dtype=torch.long)
-        return {name: g.new_zeros((len(groups), *g.shape[1:])).index_add_(
-            0, index.to(g.device), g) for name, g in grads.items()}
