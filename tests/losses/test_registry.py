@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from dpalign.losses import LOSSES, LossSpec, PairLogps, UnknownLossError, dpo, get_loss
 
-EXPECTED = {"dpo", "ipo", "hinge", "cdpo", "robust", "mdpo", "mmdpo", "dama"}
+EXPECTED = {"dpo", "ipo", "hinge", "cdpo", "robust", "mdpo", "mmdpo", "dama", "bradley_terry"}
 
 
 def test_every_name_resolves():

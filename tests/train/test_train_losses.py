@@ -14,7 +14,7 @@ from dpalign.data.fewshot import few_shot
 from dpalign.data.records import read_preference_jsonl
 from dpalign.data.sampling import batch_indices
 from dpalign.io import read_jsonl
-from dpalign.losses import LOSSES
+from dpalign.losses import LOSSES, REWARD_LOSSES
 from dpalign.train.config import TrainConfig
 from dpalign.train.loop import train
 from dpalign.world.load import World
@@ -28,8 +28,10 @@ LOG2 = math.log(2.0)
 #   dama (any beta_i): -log sigmoid(0) = log 2
 #   ipo: (0 - 1/(2 beta))^2 = 5^2 = 25;  hinge: max(0, 1 - 0) = 1
 #   mdpo: three sigmoid terms at 0 (anchor_delta 0): 3 log 2
+#   bradley_terry (a reward run): the head starts at zero, r = 0 for every answer: log 2
 AT_ZERO_MARGIN = {"dpo": LOG2, "cdpo": LOG2, "robust": LOG2, "mmdpo": LOG2, "dama": LOG2,
-                  "ipo": (1 / (2 * BETA)) ** 2, "hinge": 1.0, "mdpo": 3 * LOG2}
+                  "ipo": (1 / (2 * BETA)) ** 2, "hinge": 1.0, "mdpo": 3 * LOG2,
+                  "bradley_terry": LOG2}
 
 
 def test_every_registered_loss_has_a_hand_value() -> None:
@@ -56,7 +58,8 @@ def test_loss_trains_two_steps_from_its_closed_form(name: str, make_config: Make
     from it; mDPO caches the corrupted-image reference, DAMA and MM-DPO log their beta_i."""
     cfg = make_config(data={"k": 8, "heldout": None}, train={"steps": 2, "batch_size": 4},
                       loss={"name": name, "beta": BETA}, eval={"every": None},
-                      checkpoint={"every": None})
+                      checkpoint={"every": None},
+                      reward={"enabled": name in REWARD_LOSSES})
     result = train(cfg, tmp_path / name)
     rows = read_jsonl(result.out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
@@ -66,8 +69,10 @@ def test_loss_trains_two_steps_from_its_closed_form(name: str, make_config: Make
     assert first["kl_proxy"] == pytest.approx(0.0, abs=1e-10)
     assert math.isfinite(second["loss"]) and second["loss"] != first["loss"]
     assert second["grad_norm"] > 0
-    ref = load_file(str(result.out / "reference" / "train.safetensors"))
-    assert ("chosen_corrupt" in ref) == (name == "mdpo")
+    reference = result.out / "reference" / "train.safetensors"
+    assert reference.is_file() == (name not in REWARD_LOSSES)  # a reward model has none
+    if reference.is_file():
+        assert ("chosen_corrupt" in load_file(str(reference))) == (name == "mdpo")
     if name == "mdpo":
         for term in ("loss_resp", "loss_img", "loss_anchor"):
             assert first[term] == pytest.approx(LOG2, abs=1e-5)

@@ -27,6 +27,7 @@ from dpalign.losses.base import (
     reward_metrics,
     reward_ties,
 )
+from dpalign.losses.bradley_terry import BradleyTerryParams, bradley_terry
 from dpalign.losses.cdpo import CdpoParams, cdpo
 from dpalign.losses.dama import (
     DamaParams,
@@ -115,7 +116,10 @@ LOSSES: dict[str, LossSpec] = {
     "dama": LossSpec(dama, DamaParams, needs_hardness=True, needs_alpha_model=True,
                      loop_params=frozenset({"momentum"}), batch_context=dama_context,
                      private_context=MappingProxyType({"alpha_model": 1.0})),
+    "bradley_terry": LossSpec(bradley_terry, BradleyTerryParams),
 }
+REWARD_LOSSES = frozenset({"bradley_terry"})
+"""Losses of reward models (``reward.enabled``), not of policies."""
 
 
 class UnknownLossError(KeyError, ValueError):
@@ -136,6 +140,7 @@ def get_loss(name: str) -> LossSpec:
 
 __all__ = [
     "LOSSES",
+    "REWARD_LOSSES",
     "TIE_RTOL",
     "BatchContext",
     "LossFn",
@@ -144,6 +149,7 @@ __all__ = [
     "LossSpec",
     "PairLogps",
     "UnknownLossError",
+    "bradley_terry",
     "cdpo",
     "dama",
     "dama_alpha_data",

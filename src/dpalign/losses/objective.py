@@ -8,7 +8,7 @@ policy and reference log-probs into the per-pair loss (plus the optional SFT ter
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -21,8 +21,20 @@ from dpalign.models.logprobs import sequence_logps
 from dpalign.models.pairs import PairBatch
 
 
+@runtime_checkable
+class PairScorer(Protocol):
+    """A model that scores a pair's responses itself (a reward model:
+    ``dpalign.rl.reward.RewardModel``), in place of their log-probs."""
+
+    def score_pairs(self, batch: PairBatch) -> PairLogps: ...
+
+
 def pair_logps(model: torch.nn.Module, batch: PairBatch) -> PairLogps:
-    """Summed response log-probs per pair, each (B,), from one forward over 2B/3B rows."""
+    """Summed response log-probs per pair, each (B,), from one forward over 2B/3B rows; a
+    ``PairScorer`` (a reward model) gives its scores instead, so that the engines, steps and
+    evaluations that train and measure a policy train and measure it alike."""
+    if isinstance(model, PairScorer):
+        return model.score_pairs(batch)
     seq = sequence_logps(model, batch.tokens, batch.images, batch.images_per_row)
     b = batch.n_pairs
     return PairLogps(

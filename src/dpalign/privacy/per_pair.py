@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -37,13 +37,16 @@ AlphaModel = float | Tensor | None
 
 
 class Engine(Protocol):
-    """Per-pair gradients of ``params`` for a batch: ``{name: (B, *shape)}`` and the loss."""
+    """Per-pair gradients of ``params`` for a batch: ``{name: (B, *shape)}`` and the loss;
+    ``units``: the same for any ``Units`` batch and its loss (RL's prompts)."""
 
     params: Params
 
     def __call__(self, batch: PairBatch, ref: PairLogps, objective: Objective,
                  hardness: Tensor | None, alpha_model: AlphaModel = None
                  ) -> tuple[dict[str, Tensor], LossOut]: ...
+
+    def units(self, units: Units, loss: UnitLoss) -> tuple[dict[str, Tensor], LossOut]: ...
 
 
 # --- rows of a pair --------------------------------------------------------------------------
@@ -52,12 +55,6 @@ def pair_rows(batch: PairBatch) -> Tensor:
     """(k, B) row indices: column i holds pair i's rows (i, B + i [, 2B + i]); k = 2 or 3."""
     b, k = batch.n_pairs, 3 if batch.with_corrupt else 2
     return torch.arange(k * b).view(k, b)
-
-
-def image_rows(batch: PairBatch) -> Tensor:
-    """(I,) the row each image of ``batch.images`` belongs to."""
-    rows = torch.arange(len(batch.images_per_row))
-    return rows.repeat_interleave(batch.images_per_row)
 
 
 def select_pair(batch: PairBatch, i: int) -> PairBatch:
@@ -91,11 +88,78 @@ def _zeros_if_none(grads: tuple[Tensor | None, ...], params: Params) -> dict[str
             for (name, p), g in zip(params.items(), grads, strict=True)}
 
 
+# --- units: pairs, or any batch whose rows lie in blocks ----------------------------------
+
+class Units(Protocol):
+    """A batch of U privacy units whose R model rows lie in k blocks of U (unit i's rows
+    are i, U + i, ..., (k-1) U + i): a ``PairBatch``'s chosen / rejected [/ corrupt] rows
+    (``PairUnits``), or the k samples of each of U prompts in RL. ``images_per_row``: (R,);
+    ``unit(i)``: unit i alone, as a batch of one."""
+
+    @property
+    def n_units(self) -> int: ...
+
+    @property
+    def images_per_row(self) -> Tensor: ...
+
+    def unit(self, i: int) -> Units: ...
+
+
+UnitLoss = Callable[[Any], LossOut]
+"""The (U,) loss of a ``Units`` batch under the model, each entry a function of its own unit
+alone (the engines take each unit's gradient of its entry)."""
+
+
+def unit_of_row(units: Units) -> Tensor:
+    """(R,) the unit each row belongs to."""
+    return torch.arange(len(units.images_per_row)) % units.n_units
+
+
+def unit_of_image(units: Units) -> Tensor:
+    """(I,) the unit each image belongs to (images in row order)."""
+    rows = torch.arange(len(units.images_per_row))
+    return rows.repeat_interleave(units.images_per_row) % units.n_units
+
+
+@dataclass(frozen=True)
+class PairUnits:
+    """Preference pairs as ``Units``: the batch with each pair's reference log-probs,
+    hardness and DAMA alpha (sliced with the pair)."""
+
+    batch: PairBatch
+    ref: PairLogps
+    hardness: Tensor | None = None
+    alpha_model: AlphaModel = None
+
+    @property
+    def n_units(self) -> int:
+        return self.batch.n_pairs
+
+    @property
+    def images_per_row(self) -> Tensor:
+        return self.batch.images_per_row
+
+    def unit(self, i: int) -> PairUnits:
+        return PairUnits(select_pair(self.batch, i), self.ref.index(slice(i, i + 1)),
+                         None if self.hardness is None else self.hardness[i:i + 1],
+                         _slice_alpha(self.alpha_model, i))
+
+
+def pair_loss(model: nn.Module, objective: Objective) -> UnitLoss:
+    """The (B,) loss of ``PairUnits`` under ``model``: ``objective`` on the pairs' log-probs
+    (or a reward model's scores), with the policy metrics."""
+    def loss(units: PairUnits) -> LossOut:
+        policy = pair_logps(model, units.batch)
+        return with_policy_metrics(objective(policy, units.ref, hardness=units.hardness,
+                                             alpha_model=units.alpha_model), policy, units.ref)
+    return loss
+
+
 # --- engine "loop" -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class LoopEngine:
-    """Per-pair gradients, one forward + backward per pair: any model, any parameter."""
+    """Per-unit gradients, one forward + backward per unit: any model, any parameter."""
 
     model: nn.Module
     params: Params
@@ -103,21 +167,21 @@ class LoopEngine:
     def __call__(self, batch: PairBatch, ref: PairLogps, objective: Objective,
                  hardness: Tensor | None, alpha_model: AlphaModel = None
                  ) -> tuple[dict[str, Tensor], LossOut]:
+        return self.units(PairUnits(batch, ref, hardness, alpha_model),
+                          pair_loss(self.model, objective))
+
+    def units(self, units: Units, loss: UnitLoss) -> tuple[dict[str, Tensor], LossOut]:
+        """``{name: (U, *shape)}``: row i is d loss(unit i alone) / d param; the LossOut."""
         rows: list[dict[str, Tensor]] = []
         outs: list[LossOut] = []
-        for i in range(batch.n_pairs):
-            policy, pair_ref = pair_logps(self.model, select_pair(batch, i)), ref.index(
-                slice(i, i + 1))
-            out = with_policy_metrics(objective(
-                policy, pair_ref, hardness=None if hardness is None else hardness[i:i + 1],
-                alpha_model=_slice_alpha(alpha_model, i)), policy, pair_ref)
+        for i in range(units.n_units):
+            out = loss(units.unit(i))
             grads = torch.autograd.grad(out.per_example.sum(), list(self.params.values()),
                                         allow_unused=True)
             rows.append(_zeros_if_none(grads, self.params))
-            outs.append(out)
-        per_pair = {name: torch.stack([r[name] for r in rows]) for name in self.params}
-        metrics = {k: torch.cat([o.metrics[k] for o in outs]) for k in outs[0].metrics}
-        return per_pair, LossOut(torch.cat([o.per_example.detach() for o in outs]), metrics)
+            outs.append(LossOut(out.per_example.detach(), out.metrics))
+        per_unit = {name: torch.stack([r[name] for r in rows]) for name in self.params}
+        return per_unit, LossOut.cat(outs)
 
 
 # --- engine "hooks" ------------------------------------------------------------------------
@@ -276,21 +340,25 @@ class HookEngine:
     def __call__(self, batch: PairBatch, ref: PairLogps, objective: Objective,
                  hardness: Tensor | None, alpha_model: AlphaModel = None
                  ) -> tuple[dict[str, Tensor], LossOut]:
-        b = batch.n_pairs
-        pair_of_row = torch.arange(len(batch.images_per_row)) % b
+        return self.units(PairUnits(batch, ref, hardness, alpha_model),
+                          pair_loss(self.model, objective))
+
+    def units(self, units: Units, loss: UnitLoss) -> tuple[dict[str, Tensor], LossOut]:
+        """``{name: (U, *shape)}`` per-unit gradients of ``loss(units)`` from one forward
+        and one backward, and the LossOut (per_example detached)."""
+        b = units.n_units
         check = [] if self.checked else list(self.params.values())
-        with LinearPairGrads(self.owners, b, pair_of_row, image_rows(batch) % b) as recorder:
-            policy = pair_logps(self.model, batch)
-            out = with_policy_metrics(objective(policy, ref, hardness=hardness,
-                                                alpha_model=alpha_model), policy, ref)
+        with LinearPairGrads(self.owners, b, unit_of_row(units),
+                             unit_of_image(units)) as recorder:
+            out = loss(units)
             _, *batch_grads = torch.autograd.grad(out.per_example.sum(),
                                                   [recorder.probe, *check], allow_unused=True)
-        per_pair = {name: recorder.samples.get(name, p.new_zeros((b, *p.shape)))
+        per_unit = {name: recorder.samples.get(name, p.new_zeros((b, *p.shape)))
                     for name, p in self.params.items()}
         if check:
-            _check_sums(per_pair, _zeros_if_none(tuple(batch_grads), self.params))
+            _check_sums(per_unit, _zeros_if_none(tuple(batch_grads), self.params))
             self.checked.append(True)
-        return per_pair, LossOut(out.per_example.detach(), out.metrics)
+        return per_unit, LossOut(out.per_example.detach(), out.metrics)
 
 
 # --- public entry --------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from dpalign.report.fmt import format_number
 from dpalign.report.html import Block, Page
 from dpalign.report.load import ReportInputError, RunInput, StudyInput
 from dpalign.report.methods import method_rows, methods_table
+from dpalign.report.rl import reward_rows, reward_table, rl_rows, rl_rules, rl_table
 from dpalign.report.run_figures import run_figures
 from dpalign.report.series import Cell, cells_from_tables, ok_runs
 from dpalign.report.study_figures import study_figures
@@ -159,9 +160,12 @@ def study_page(study: StudyInput,
                *filter(None, [precision_note(study.runs, study.meta.get("config"))])),
         glance=glance_table(cells, thresholds),
         verdicts=study_verdicts(cells, thresholds),
-        rules=[*answer_rules(study.tune), *describe_rules(thresholds), diagnostic_rules()],
+        rules=[*answer_rules(study.tune), *describe_rules(thresholds), diagnostic_rules(),
+               *rl_rules(study.runs)],
         figures=study_figures(study, cells),
         tables=[*filter(None, [methods_table(method_rows(study.runs, study.tune)),
+                               rl_table(rl_rows(study.runs, study.tune)),
+                               reward_table(reward_rows(study.runs, study.tune)),
                                audit_table(study.runs)]),
                 points_table(cells, study.points),
                 runs_table(study.runs)],

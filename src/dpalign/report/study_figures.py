@@ -1,7 +1,7 @@
 """The study page's figures: training curves, stability and the privacy-utility frontier
 against epsilon, DP signals during training, comparisons of alignment methods (offline vs
-online, :mod:`.methods`), mechanisms and losses, and (audited studies) claimed vs audited
-epsilon.
+online, :mod:`.methods`; RL against a reward model, :mod:`.rl`), mechanisms and losses, and
+(audited studies) claimed vs audited epsilon.
 
 Every builder takes the loaded study and its cells and returns a
 :class:`~dpalign.report.plot.FigureOut` holding PNG bytes, or ``None`` when the study lacks
@@ -40,6 +40,7 @@ from dpalign.report.plot import (
     robust_ylim,
     to_png,
 )
+from dpalign.report.rl import rl_figure
 from dpalign.report.series import (
     GRID_FIELDS,
     MECHANISM_NAMES,
@@ -354,6 +355,7 @@ def _comparison(field: str, name: str, title: str, what: str
 STUDY_FIGURES: dict[str, Callable[[StudyInput, Sequence[Cell]], FigureOut | None]] = {
     "tuned": tuned_frontier,
     "methods": methods_figure,
+    "rl": rl_figure,
     "curves": training_curves,
     "stability": stability_vs_epsilon,
     "frontier": privacy_utility,

@@ -151,18 +151,22 @@ _RUN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("POPE adv. acc.", "final_pope_adversarial_accuracy"), ("CHAIR_s", "final_chair_s"),
     ("CHAIR_i", "final_chair_i"), ("wall s", "wall_seconds"),
     ("generation s", "online_seconds"), ("pair yield", "online_pair_yield"),
-    ("best online score (end)", "online_score_best_final"), ("error", "error"),
+    ("best online score (end)", "online_score_best_final"),
+    ("reward-model score (end)", "rl_reward_final"), ("judge score (end)", "rl_judge_final"),
+    ("total ε", "total_epsilon"), ("error", "error"),
 )
 _SHOWN_WHEN: dict[str, Callable[[pd.Series], bool]] = {
     "method": lambda s: s.nunique(dropna=False) > 1,
-    **dict.fromkeys(("online_seconds", "online_pair_yield", "online_score_best_final"),
+    **dict.fromkeys(("online_seconds", "online_pair_yield", "online_score_best_final",
+                     "rl_reward_final", "rl_judge_final", "total_epsilon"),
                     lambda s: bool(s.notna().any())),
 }
 """Columns shown only when they say something: the method when the study compares several,
-the online figures when some run sampled online."""
+the online figures when some run sampled online, the RL figures when some run is RL."""
 _CELL_MAKERS: dict[str, Callable[[Any], TableCell]] = {
     "epsilon_target": _epsilon_cell,
     "epsilon": _epsilon_cell,
+    "total_epsilon": _epsilon_cell,
     "mechanism": lambda v: cell(MECHANISM_NAMES.get(v, v)),
 }
 

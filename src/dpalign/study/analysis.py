@@ -48,7 +48,7 @@ import pandas as pd
 
 from dpalign.diagnostics import LOWER_IS_BETTER, summarize
 from dpalign.diagnostics.trends import Estimate
-from dpalign.online.config import METHODS
+from dpalign.rl.config import METHODS
 
 __all__ = [
     "CHANCE",
@@ -186,14 +186,14 @@ def _group_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
 
 def _group_order(key: tuple[Any, ...]) -> tuple[Any, ...]:
     """No DP first, then epsilon from large to small, K ascending; offline first, then the
-    other methods in ``dpalign.online.config.METHODS`` order."""
+    other methods in ``dpalign.rl.config.METHODS`` order."""
     mechanism, epsilon, k, loss, method = key
     return (mechanism != "none", str(mechanism), -float(epsilon), int(k), str(loss),
             method_order(str(method)))
 
 
 def method_order(method: str) -> tuple[int, str]:
-    """Sort key of a method: offline first, then ``dpalign.online.config.METHODS`` order."""
+    """Sort key of a method: offline first, then ``dpalign.rl.config.METHODS`` order."""
     return (METHODS.index(method) if method in METHODS else len(METHODS), method)
 
 

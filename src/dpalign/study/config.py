@@ -36,10 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from dpalign.audit.config import AuditConfig
 from dpalign.config import ConfigError, load_yaml_config
-from dpalign.online.config import METHODS
+from dpalign.rl.config import METHODS
 
 Mechanism = Literal["none", "dp_sgd", "label_dp"]
-PRESETS = ("quickstart", "full", "answer", "online")
+PRESETS = ("quickstart", "full", "answer", "online", "rl", "reward")
 SAMPLE_RATE = "sample_rate"
 """The one axis that is not a dotted key: the expected batch as a fraction q of K, so that
 ``train.batch_size = max(1, round(q K))`` (the DP sample rate is then q)."""

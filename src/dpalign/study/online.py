@@ -14,7 +14,9 @@ score (``online_score_best``) and the step's generation + judging wall time
   answer is at the end.
 
 All NaN for a run whose log has no online field (offline runs; BDHS, whose rejections are
-made before training).
+made before training). RL runs (``method: rloo | grpo``, :mod:`dpalign.study.rl`) log
+``online_seconds`` (their generation and scoring time) without ``online_prompts``: theirs is
+summed too, the other two stay NaN.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ def online_figures(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     rows = list({row.get("step", i): row for i, row in enumerate(rows)}.values())
     prompts = _values(rows, "online_prompts")
     if not prompts:
-        return dict.fromkeys(ONLINE_COLUMNS, math.nan)
+        seconds = _values(rows, "online_seconds")  # RL runs: generation + scoring
+        return {**dict.fromkeys(ONLINE_COLUMNS, math.nan),
+                "online_seconds": sum(seconds) if seconds else math.nan}
     pairs = sum(_values(rows, "online_pairs"))
     logged = [r for r in rows if "online_score_best" in r]
     tail = logged[-max(1, math.ceil(FINAL_FRACTION * len(logged) - 1e-9)):]

@@ -10,7 +10,13 @@ method, seed`` and one per setting axis, named by its dotted key), the run's eff
 guarantee; inf without noise), ``epsilon_kind`` (example | user | label | none),
 ``wall_seconds``, the online figures of :data:`dpalign.study.online.ONLINE_COLUMNS`
 (``online_pair_yield``, ``online_seconds``, ``online_score_best_final``: NaN for runs
-without online steps) and every diagnostic of ``dpalign.diagnostics.RunDiagnostics.as_dict``
+without online steps), the RL figures of :data:`dpalign.study.rl.RL_COLUMNS` and
+:data:`dpalign.study.rl.RL_PRIVACY_COLUMNS` (``rl_reward_final``, ``rl_judge_final``,
+``rl_kl_final``, ``rl_entropy_final``, ``rl_entropy_ratio``, ``rl_reward_slope``,
+``rl_judge_slope``, ``rl_hacking``, ``rl_entropy_collapse``, ``total_epsilon``,
+``reward_model_epsilon``: NaN for runs other than RL), ``reward_model_run`` (the run trains a
+reward model: ``reward.enabled``; carried to ``points.parquet`` like the grid columns) and
+every diagnostic of ``dpalign.diagnostics.RunDiagnostics.as_dict``
 (``final_pope_adversarial_accuracy``, ``loss_volatility``, ...). Runs with ``audit.json`` (an
 audited study, ``dpalign.audit``) add :data:`AUDIT_COLUMNS` (``audit_claimed_epsilon``: inf
 where the claim is infinite, ``audit_epsilon_lower_bound``, ``audit_auc``, ...); NaN in the
@@ -40,9 +46,11 @@ from dpalign.io import atomic_write_bytes
 from dpalign.rundir import RunDir
 from dpalign.study.grid import EFFECTIVE, Point, effective_settings
 from dpalign.study.online import online_figures
+from dpalign.study.rl import rl_figures, rl_privacy
 from dpalign.train.config import TrainConfig
 
-GRID_COLUMNS = ("point", "mechanism", "epsilon_target", "k", "loss", "method", *EFFECTIVE)
+GRID_COLUMNS = ("point", "mechanism", "epsilon_target", "k", "loss", "method",
+                "reward_model_run", *EFFECTIVE)
 NOT_AGGREGATED = ("seed", "diverged_step", *GRID_COLUMNS)
 
 
@@ -77,11 +85,17 @@ def audit_columns(audit: dict[str, Any] | None) -> dict[str, Any]:
     return {**row, "audit_claimed_epsilon": math.inf if claimed is None else float(claimed)}
 
 
+def trains_reward_model(config: TrainConfig) -> bool:
+    """Whether the run trains a reward model (``reward.enabled``) rather than a policy."""
+    return bool(getattr(getattr(config, "reward", None), "enabled", False))
+
+
 def run_row(point: Point, run_dir: Path, config: TrainConfig, pruned: bool = False
             ) -> dict[str, Any]:
     """One row of ``runs.parquet`` from a run directory (finished, failed, pending, or
     pruned by successive halving) and the run's config (its effective settings)."""
-    row: dict[str, Any] = {**point.columns(), **effective_settings(config),
+    row: dict[str, Any] = {**point.columns(), "reward_model_run": trains_reward_model(config),
+                           **effective_settings(config),
                            "status": "pruned" if pruned else "pending", "error": None}
     files = RunDir(run_dir)
     error, result = _json(files.error), _json(files.result)
@@ -90,9 +104,10 @@ def run_row(point: Point, run_dir: Path, config: TrainConfig, pruned: bool = Fal
     if result is None:
         return row
     diagnostics = _json(files.diagnostics) or {}
+    steps = files.read_metrics() if files.metrics.is_file() else []
     return {**row, "status": "ok", **_privacy_columns(result),
             "wall_seconds": result.get("wall_seconds"), "stopped": result.get("stopped"),
-            **online_figures(files.read_metrics() if files.metrics.is_file() else []),
+            **online_figures(steps), **rl_figures(steps), **rl_privacy(result),
             **{k: v for k, v in diagnostics.items() if k != "epsilon"},
             **audit_columns(_json(files.audit))}
 

@@ -17,11 +17,12 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from dpalign.config import Section
-from dpalign.losses import LOSSES
+from dpalign.losses import LOSSES, REWARD_LOSSES
 from dpalign.losses.config import LossConfig
 from dpalign.models.lora import LoraConfig
-from dpalign.online.config import METHODS, BDHSConfig, OnlineConfig
+from dpalign.online.config import BDHSConfig, OnlineConfig
 from dpalign.privacy.config import PrivacyConfig
+from dpalign.rl.config import METHODS, RL_METHODS, RewardConfig, RLConfig
 from dpalign.train.optim import OptimConfig
 
 
@@ -116,9 +117,47 @@ class TrainConfig(Section):
                                "online (sampled from the policy each step, ranked by "
                                "online.judge), mixed (online.offline_fraction of them "
                                "offline), bdhs (the file's chosen vs a BDHS rejection made "
-                               "by the base model before training)")
+                               "by the base model before training), rloo | grpo (RL against "
+                               "the reward model rl.reward_model, online.samples answers per "
+                               "prompt)")
     online: OnlineConfig = OnlineConfig()
     bdhs: BDHSConfig = BDHSConfig()
+    reward: RewardConfig = RewardConfig()
+    rl: RLConfig = RLConfig()
+
+    @model_validator(mode="after")
+    def _reward_model(self) -> TrainConfig:
+        """A reward run trains with the Bradley-Terry loss on the recorded pairs; that loss
+        trains nothing else."""
+        if not self.reward.enabled:
+            if self.loss.name in REWARD_LOSSES:
+                raise ValueError(f"loss {self.loss.name!r} trains reward models: use "
+                                 "`dpalign reward train` (reward.enabled: true)")
+            return self
+        if self.loss.name not in REWARD_LOSSES:
+            raise ValueError(f"reward.enabled trains with a reward-model loss "
+                             f"({', '.join(sorted(REWARD_LOSSES))}), not {self.loss.name!r}")
+        if self.method != "offline":
+            raise ValueError(f"a reward model trains on the recorded pairs (method: offline), "
+                             f"not method {self.method!r}")
+        if self.loss.sft_weight or self.loss.length_normalize:
+            raise ValueError("a reward model has no log-probs: loss.sft_weight must be 0 and "
+                             "loss.length_normalize false")
+        return self
+
+    @model_validator(mode="after")
+    def _rl(self) -> TrainConfig:
+        """RL needs a reward model and LoRA (the reference is the policy with its adapters
+        off)."""
+        if self.method not in RL_METHODS:
+            return self
+        if self.rl.reward_model is None:
+            raise ValueError(f"method {self.method!r} needs rl.reward_model (a reward run "
+                             "directory from `dpalign reward train`, or its final/ folder)")
+        if not self.lora.enabled:
+            raise ValueError(f"method {self.method!r} needs lora.enabled: true (the KL "
+                             "reference is the policy with its adapters turned off)")
+        return self
 
     @model_validator(mode="after")
     def _generated_pairs(self) -> TrainConfig:

@@ -22,12 +22,13 @@ the steps it took (``result.json`` ``steps``; ``planned_steps`` the configured o
 
 from __future__ import annotations
 
+import math
 import platform
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 import yaml
 
+from dpalign.data.schema import PreferenceRecord
 from dpalign.eval.preference import preference_metrics
 from dpalign.io import (
     append_jsonl,
@@ -47,13 +49,14 @@ from dpalign.io import (
 from dpalign.losses.base import PairLogps
 from dpalign.losses.objective import Objective
 from dpalign.models.load import load_vlm, resolve_device, resolve_dtype
-from dpalign.models.lora import merged, prepare_trainable
+from dpalign.models.lora import merged
 from dpalign.models.pairs import EncodedPair, encode_pairs
 from dpalign.online.source import PairSource
 from dpalign.privacy.label_dp import flip_probability
 from dpalign.privacy.per_pair import make_engine
 from dpalign.privacy.plan import PrivacyPlan, rank_and_world, spent_epsilon
 from dpalign.progress import make_progress
+from dpalign.rl.privacy import composed
 from dpalign.rundir import RunDir, RunDirError
 from dpalign.train.checkpoint import latest_checkpoint, restore, save_checkpoint
 from dpalign.train.checks import (
@@ -64,11 +67,19 @@ from dpalign.train.checks import (
 )
 from dpalign.train.config import TrainConfig
 from dpalign.train.dp_step import Canaries, DPStep
-from dpalign.train.methods import bdhs_records, pair_source
+from dpalign.train.methods import bdhs_records, pair_source, rl_rollouts
 from dpalign.train.optim import build_optimizer, set_noise_variance
 from dpalign.train.reference import cached_reference, compute_reference
+from dpalign.train.rl_step import RLDPStep, RLPlainStep, Rollouts
 from dpalign.train.state import GradStep, LoopState
 from dpalign.train.step import PlainStep
+from dpalign.train.tasks import (
+    save_task_info,
+    task_model,
+    task_records,
+    task_reference,
+    task_trainable,
+)
 
 StepHook = Callable[[dict[str, Any]], None]
 
@@ -203,7 +214,8 @@ class Evaluator:
             row |= {f"{prefix}_{k}": v for k, v in
                     preference_metrics(policy, ref, self.cfg.loss.beta).items()}
         world = self.cfg.eval.world
-        if self.cfg.world is not None and (world is True or (world == "end" and final)):
+        if (self.cfg.world is not None and not self.cfg.reward.enabled
+                and (world is True or (world == "end" and final))):
             row |= world_figures(model, self.processor, self.cfg)
         return row
 
@@ -265,6 +277,8 @@ class Session:
     units: list[list[int]]
     plan: PrivacyPlan | None
     grad_step: GradStep
+    records: list[PreferenceRecord] = field(default_factory=list)
+    reward_info: dict[str, Any] | None = None
 
     def step(self, step: int, state: LoopState) -> tuple[dict[str, Any], LoopState]:
         """One optimizer update on batch ``step`` (1-based): the step's metrics row and the
@@ -291,12 +305,21 @@ def build_grad_step(cfg: TrainConfig, model: torch.nn.Module, pairs: list[Encode
                     ref: PairLogps, objective: Objective, pad_id: int, units: list[list[int]],
                     plan: PrivacyPlan | None, total: int,
                     canaries: Canaries | None = None,
-                    source: PairSource | None = None) -> GradStep:
+                    source: PairSource | None = None,
+                    rollouts: Rollouts | None = None) -> GradStep:
     """The run's gradient step over the parameters of ``model`` that require grad: the DP
     step when ``plan`` is set (its per-pair engine ``privacy.engine``; with an audit's
     ``canaries``, their ``dp_step`` class fed with them), else the plain one. ``source``
-    makes the step's pairs (online / mixed DPO; None: the recorded ``pairs``)."""
+    makes the step's pairs (online / mixed DPO; None: the recorded ``pairs``); with
+    ``rollouts`` (RL) the steps are RL's, the prompt with its answers the unit."""
     named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if rollouts is not None:
+        if canaries is not None:
+            raise ValueError("audit canaries are not supported in RL runs")
+        if plan is None:
+            return RLPlainStep(cfg, rollouts, list(named.values()))
+        return RLDPStep(cfg, make_engine(cfg.privacy.engine, model, named), pairs, ref,
+                        objective, units, plan, pad_id, total, rollouts=rollouts)
     if plan is None:
         if canaries is not None:
             raise ValueError("audit canaries need a DP run (privacy.enabled: true)")
@@ -321,44 +344,49 @@ def prepare(cfg: TrainConfig, out: Path, data: RunData | None = None,
     device = resolve_device(cfg.train.device)
     loaded = load_vlm(cfg.model, device=str(device), dtype=resolve_dtype(cfg.train.dtype, device),
                       trust_remote_code=cfg.trust_remote_code)
-    model, processor = loaded.model, loaded.processor
+    model, processor = task_model(cfg, loaded.model), loaded.processor
     pad_id = processor.tokenizer.pad_token_id  # type: ignore[attr-defined]
     objective = Objective.from_config(cfg.loss)
     with_corrupt = objective.spec.needs_corrupt
     extra = list(canaries.records) if canaries is not None else []
     bdhs = (bdhs_records(cfg, model, processor, data.records, RunDir(out).bdhs)
             if cfg.method == "bdhs" else None)
-    records = bdhs.records if bdhs else data.records
+    records = task_records(cfg, bdhs.records if bdhs else data.records, cfg.data.train)
     pairs = encode_pairs(records + extra, processor,
                          corrupt_seed=cfg.data.seed if with_corrupt else None,
                          hardness_field=cfg.data.hardness_field)
     _check_inputs(cfg, objective, pairs)
-    held = (encode_pairs(data.held, processor, hardness_field=cfg.data.hardness_field)
+    held = (encode_pairs(task_records(cfg, data.held, cfg.data.heldout), processor,
+                         hardness_field=cfg.data.hardness_field)
             if cfg.data.heldout else [])
     limit = length_limit(cfg, model)
     check_lengths(cfg.data.train, pairs, limit)
     check_lengths(cfg.data.heldout, held, limit)
 
     run_dir = RunDir(out)
-    ref = cached_reference(run_dir.reference("train"), model, pairs, pad_id,
-                           model_dir=cfg.model, with_corrupt=with_corrupt).to(device)
-    val = encode_pairs(data.val, processor, hardness_field=cfg.data.hardness_field)
+    reference = task_reference(cfg, cached_reference)
+    ref = reference(run_dir.reference("train"), model, pairs, pad_id,
+                    model_dir=cfg.model, with_corrupt=with_corrupt).to(device)
+    val = encode_pairs(task_records(cfg, data.val, cfg.eval.validation or cfg.data.heldout),
+                       processor, hardness_field=cfg.data.hardness_field)
     check_lengths(cfg.eval.validation or cfg.data.heldout, val, limit)
-    parts = {prefix: (part, cached_reference(
+    parts = {prefix: (part, reference(
         run_dir.reference(prefix), model, part, pad_id, model_dir=cfg.model,
         with_corrupt=False, batch_size=cfg.eval.batch_size).to(device))
         for prefix, part in (("heldout", held), ("val", val)) if part}
-    model = prepare_trainable(model, cfg.lora)
+    model = task_trainable(cfg, model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, schedule = build_optimizer(params, cfg.optim, data.total)
     source = pair_source(cfg, model, processor, data.records, pairs, ref, pad_id,
                          bdhs.skip if bdhs else frozenset())
+    rollouts = rl_rollouts(cfg, model, processor, data.records, pad_id)
     grad_step = build_grad_step(cfg, model, pairs, ref, objective, pad_id, data.units,
-                                data.plan, data.total, canaries, source)
+                                data.plan, data.total, canaries, source, rollouts)
     return Session(cfg, model, processor, pairs, ref, objective, optimizer, schedule, params,
                    Evaluator(cfg, processor, parts, pad_id), pad_id, data.total,
-                   data.units, data.plan, grad_step)
+                   data.units, data.plan, grad_step, data.records,
+                   rollouts.reward.info if rollouts else None)
 
 
 def _open_run(cfg: TrainConfig, out: Path, resume: bool,
@@ -421,6 +449,11 @@ def _privacy_summary(run: Session, state: LoopState, taken: int) -> dict[str, An
                    "epsilon": spent_epsilon(state.ledger, cfg.privacy)}
         if state.clip_norm is not None:  # adaptive clipping: C after the last step
             privacy["final_clip_norm"] = state.clip_norm
+    if run.reward_info is not None:  # RL: the reward model's cost composed with the policy's
+        privacy = {**(privacy or {"enabled": False, "epsilon": math.inf}),
+                   **composed(state.ledger if run.plan is not None else None,
+                              run.reward_info, cfg.rl.composition, cfg.privacy.delta,
+                              cfg.privacy.accountant)}
     if cfg.privacy.label_epsilon is not None:
         privacy = {**(privacy or {}), "label_epsilon": cfg.privacy.label_epsilon,
                    "label_flip_rate": flip_probability(cfg.privacy.label_epsilon),
@@ -458,11 +491,15 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
     with atomic_directory(run_dir.final) as staging:
         merged(model).save_pretrained(staging)
         run.processor.save_pretrained(staging)
+        save_task_info(cfg, staging, model, state, run.records)
     wall = time.perf_counter() - started
     final = history[-1] if history else {}
+    summary = _privacy_summary(run, state, taken)
+    if run.reward_info is not None:
+        atomic_write_json(run_dir.privacy, summary)
     atomic_write_json(run_dir.result, {
         "steps": taken, "planned_steps": total, "n_pairs": sum(len(unit) for unit in run.units),
         "final_step": final, "evaluations": evaluations,
-        "privacy": _privacy_summary(run, state, taken), "stopped": stopped,
+        "privacy": summary, "stopped": stopped,
         "wall_seconds": round(wall, 2)})
     return TrainResult(out, taken, final, evaluations, wall, total, stopped)

@@ -2,7 +2,8 @@
 
 ``bdhs_records`` replaces each training record's rejected answer by a BDHS rejection made by
 the base model before training (``method: bdhs``); ``online_source`` builds online / mixed
-DPO's pair source for the step (``dpalign.online.source``, where the privacy argument is).
+DPO's pair source for the step (``dpalign.online.source``, where the privacy argument is);
+``rl_rollouts`` RL's rollout maker (``method: rloo | grpo``; ``dpalign.rl``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ from dpalign.online.bdhs import BDHSInput, bdhs_rejections, masked_completer
 from dpalign.online.embed import sentence_embedder
 from dpalign.online.judge import load_judge
 from dpalign.online.source import OfflinePairs, OnlinePairs, PairSource
+from dpalign.rl.config import RL_METHODS
+from dpalign.rl.privacy import check_disjoint
+from dpalign.rl.reward import load_reward_model
 from dpalign.train.config import TrainConfig
 from dpalign.train.reference import compute_reference
+from dpalign.train.rl_step import Rollouts
 
 
 @dataclass(frozen=True)
@@ -83,3 +88,20 @@ def pair_source(cfg: TrainConfig, model: torch.nn.Module, processor: Any,
                        load_judge(cfg.online.judge), reference, cfg.train.seed,
                        cfg.online.offline_fraction if cfg.method == "mixed" else 0.0,
                        cfg.data.seed if with_corrupt else None, cfg.data.hardness_field)
+
+
+def rl_rollouts(cfg: TrainConfig, model: torch.nn.Module, processor: Any,
+                records: list[PreferenceRecord], pad_id: int) -> Rollouts | None:
+    """RL's rollout maker over the training ``records`` (None unless ``method`` is an RL
+    method): the reward model ``rl.reward_model`` loaded on the policy's device and dtype,
+    frozen; the judge ``online.judge``. ``rl.composition: parallel`` is refused here when
+    the records share an id or an image with the reward model's training records."""
+    if cfg.method not in RL_METHODS:
+        return None
+    param = next(model.parameters())
+    reward = load_reward_model(cfg.rl.reward_model,  # type: ignore[arg-type]
+                               device=str(param.device), dtype=model.dtype)
+    if cfg.rl.composition == "parallel":
+        check_disjoint(reward.info, records)
+    return Rollouts(cfg, model, processor, reward, load_judge(cfg.online.judge), records,
+                    pad_id)
