@@ -20,6 +20,9 @@ world_app = typer.Typer(help="The synthetic image-text world.", no_args_is_help=
 data_app = typer.Typer(help="Preference data files.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
 app.add_typer(data_app, name="data")
+reward_app = typer.Typer(help="Reward models (Bradley-Terry, under DP): train and score.",
+                         no_args_is_help=True)
+app.add_typer(reward_app, name="reward")
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -259,6 +262,13 @@ def train(
     Bad input (data, settings, over-long pairs, a budget that allows no step) and OS errors
     end with one ``error:`` line and exit status 1; a failed fresh start leaves OUT as found.
     """
+    _run_training(config, out, resume=resume, as_json=as_json, overrides=overrides or [])
+
+
+def _run_training(config: Path, out: Path, *, resume: bool, as_json: bool,
+                  overrides: list[str]) -> None:
+    """``dpalign train`` and ``dpalign reward train``: load the config (YAML + overrides),
+    run it, print the held-out table and the summary line."""
     from rich.markup import escape
 
     from dpalign.config import ConfigError, load_yaml_config
@@ -269,7 +279,7 @@ def train(
 
     _init_distributed()
     try:
-        cfg = load_yaml_config(TrainConfig, config, overrides or [])
+        cfg = load_yaml_config(TrainConfig, config, overrides)
         with _warnings_as_lines():
             result = run_train(cfg, out, resume=resume)
     except OSError as exc:  # read-only or full disk, a model folder without its weights
@@ -532,11 +542,105 @@ def calibrate_command(
         print(json.dumps(info))
 
 
+def _reward_defaults(config: Path, overrides: list[str]) -> list[str]:
+    """``loss.name=bradley_terry`` unless the config file or an override names a loss (a
+    file that cannot be read is left to the config loader, which reports it)."""
+    import yaml
+
+    from dpalign.config import ConfigError, parse_overrides
+
+    try:
+        sources = [yaml.safe_load(config.read_text()) or {}, parse_overrides(overrides)]
+    except (OSError, yaml.YAMLError, ConfigError):
+        return []
+    named = any(isinstance(s, dict) and isinstance(s.get("loss"), dict) and "name" in s["loss"]
+                for s in sources)
+    return [] if named else ["loss.name=bradley_terry"]
+
+
+@reward_app.command("train")
+def reward_train(
+    config: Annotated[Path, typer.Option(help="YAML training config (see "
+                                              "configs/world_reward.yaml).")],
+    out: Annotated[Path, typer.Option(help="Run directory; the model is saved in OUT/final.")],
+    resume: Annotated[bool, typer.Option(help="Continue the run at OUT from its newest "
+                                               "checkpoint.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Last line: result.json.")] = False,
+    overrides: Overrides = None,
+) -> None:
+    """Train a reward model (Bradley-Terry, DP): `dpalign train` of a reward model.
+
+    reward.enabled=true is forced and the loss is bradley_terry when the config names none;
+    DP, ledger, checkpoints, resume and errors are those of `dpalign train`.
+    """
+    given = list(overrides or [])
+    _run_training(config, out, resume=resume, as_json=as_json,
+                  overrides=[*_reward_defaults(config, given), *given, "reward.enabled=true"])
+
+
+def _reward_table(summary: dict) -> Table:
+    table = Table(title=f"Reward model on {summary['data']} ({summary['n']} pairs)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("accuracy (r_w > r_l)", f"{summary['accuracy']:.3f}")
+    table.add_row("95% Wilson interval", f"[{summary['ci_low']:.3f}, {summary['ci_high']:.3f}]")
+    table.add_row("pairs", str(summary["n"]))
+    table.add_row("ties (count as wrong)", str(summary["ties"]))
+    table.add_row("mean margin r_w - r_l", f"{summary['mean_margin']:.4g}")
+    return table
+
+
+@reward_app.command("eval")
+def reward_eval(
+    model: Annotated[Path, typer.Argument(help="Reward run directory or its final/ folder.")],
+    data: Annotated[Path, typer.Option(help="Preference JSONL file to score.")],
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the file's first N pairs.")
+                     ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Pairs per forward pass.")] = 32,
+    out: Annotated[Path | None, typer.Option(help="JSONL to write: one line per pair (id, "
+                                                  "rewards, margin, correct).")] = None,
+    as_json: JsonLine = False,
+    device: Annotated[str, typer.Option(help="auto (GPU if visible) | cpu | cuda[:N].")
+                      ] = "auto",
+) -> None:
+    """Pairwise accuracy of a reward model on a preference file, with its 95 % interval.
+
+    A tie (r_w = r_l up to rounding) counts as wrong; the ties and the mean margin r_w - r_l
+    are shown too. The file is read and checked before the model loads.
+    """
+    from rich.markup import escape
+
+    from dpalign.data.records import read_preference_jsonl
+    from dpalign.io import atomic_write_jsonl
+    from dpalign.models.load import resolve_device, resolve_dtype
+    from dpalign.rl.reward import FactsError, load_reward_model
+    from dpalign.rl.reward_eval import evaluate_reward
+
+    try:
+        records = read_preference_jsonl(data)[:limit]
+        where = resolve_device(device)
+        loaded = load_reward_model(model, device=str(where),
+                                   dtype=resolve_dtype("auto", where))
+        result = evaluate_reward(loaded, records, batch_size)
+    except FactsError as exc:
+        raise fail(escape(f"{data}: {exc}")) from exc
+    except (OSError, ValueError) as exc:  # includes DataValidationError (file:line)
+        raise fail(escape(str(exc))) from exc
+    summary = {"model": str(loaded.path), "data": str(data), **result.summary()}
+    if out is not None:
+        summary["out"] = str(atomic_write_jsonl(out, result.rows()))
+    console.print(_reward_table(summary))
+    if out is not None:
+        console.print(f"written: {out}", markup=False, highlight=False)
+    if as_json:
+        print(json.dumps(summary))
+
+
 @app.command()
 def study(
     out: Annotated[Path, typer.Option(help="Study directory (runs/, runs.parquet, ...).")],
     preset: Annotated[str | None, typer.Option(
-        help="Packaged study: quickstart | full | answer | online.")] = None,
+        help="Packaged study: quickstart | full | answer | online | rl | reward.")] = None,
     config: Annotated[Path | None, typer.Option(help="Study YAML (instead of --preset).")] = None,
     model: Annotated[str | None, typer.Option(
         help="Base model: a model folder, or a pretrain preset (tiny | smol) pretrained on the "

@@ -253,7 +253,8 @@ def test_dp_rl_run_resumes_exactly_and_composes_its_privacy(make_config: MakeCon
     composition with the reward model's ledger, as dp_accounting computes it."""
     cfg = _rl(make_config, reward_dir, "grpo",
               privacy={"enabled": True, "noise_multiplier": 1.0, "account_every": 1},
-              train={"steps": 4}, checkpoint={"every": 2, "keep": 2}, eval={"every": 4})
+              train={"steps": 4}, checkpoint={"every": 2, "keep": 2}, eval={"every": None},
+              data={"heldout": None})
     whole = train(cfg, tmp_path / "whole")
     with pytest.raises(CrashError):
         train(cfg, tmp_path / "crashed", on_step=crash_at(3))

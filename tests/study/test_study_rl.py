@@ -185,9 +185,9 @@ def test_runs_table_rows_carry_the_rl_figures(tmp_path: Path) -> None:
 def test_rl_preset_compares_offline_dpo_with_rloo_and_grpo(small_world: Path) -> None:
     study = load_study(preset_path("rl"), [f"world={small_world}"])
     points = expand(study)
-    assert len(points) == 3 * 2 * 3
+    assert len(points) == 3 * 3 * 3
     assert {p.point for p in points if p.mechanism == "dp_sgd"} == {
-        "dp_sgd-eps8-k64-dpo", "dp_sgd-eps8-k64-dpo-rloo", "dp_sgd-eps8-k64-dpo-grpo"}
+        f"dp_sgd-eps{e}-k64-dpo{m}" for e in (8, 1) for m in ("", "-rloo", "-grpo")}
     config = train_config(study, next(p for p in points if p.method == "grpo"))
     assert (config.method, config.online.samples, config.online.sampling.max_new_tokens,
             config.train.steps, config.train.batch_size, config.eval.every) == (

@@ -149,9 +149,12 @@ def zero_reference(n: int, device: torch.device | str = "cpu") -> PairLogps:
 
 def reward_trainable(model: RewardModel, lora: LoraConfig) -> RewardModel:
     """``model`` with LoRA adapters on its backbone (or the whole backbone trainable) and
-    its head trainable."""
+    its head's weight trainable. The head's bias stays as it is (0): it cancels in
+    r(x, y_w) - r(x, y_l), so its per-pair gradient is exactly 0 and under DP it would only
+    take noise."""
     backbone = prepare_trainable(model.backbone, lora)
-    model.head.requires_grad_(True)
+    model.head.weight.requires_grad_(True)
+    model.head.bias.requires_grad_(False)
     return RewardModel(backbone, model.head)
 
 

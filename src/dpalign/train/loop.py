@@ -22,7 +22,6 @@ the steps it took (``result.json`` ``steps``; ``planned_steps`` the configured o
 
 from __future__ import annotations
 
-import math
 import platform
 import shutil
 import time
@@ -74,6 +73,7 @@ from dpalign.train.rl_step import RLDPStep, RLPlainStep, Rollouts
 from dpalign.train.state import GradStep, LoopState
 from dpalign.train.step import PlainStep
 from dpalign.train.tasks import (
+    eval_beta,
     save_task_info,
     task_model,
     task_records,
@@ -212,7 +212,7 @@ class Evaluator:
                 model, pairs, self.pad_id, with_corrupt=False,
                 batch_size=self.cfg.eval.batch_size)
             row |= {f"{prefix}_{k}": v for k, v in
-                    preference_metrics(policy, ref, self.cfg.loss.beta).items()}
+                    preference_metrics(policy, ref, eval_beta(self.cfg)).items()}
         world = self.cfg.eval.world
         if (self.cfg.world is not None and not self.cfg.reward.enabled
                 and (world is True or (world == "end" and final))):
@@ -450,7 +450,7 @@ def _privacy_summary(run: Session, state: LoopState, taken: int) -> dict[str, An
         if state.clip_norm is not None:  # adaptive clipping: C after the last step
             privacy["final_clip_norm"] = state.clip_norm
     if run.reward_info is not None:  # RL: the reward model's cost composed with the policy's
-        privacy = {**(privacy or {"enabled": False, "epsilon": math.inf}),
+        privacy = {**(privacy or {}),  # without DP: no policy epsilon, total inf
                    **composed(state.ledger if run.plan is not None else None,
                               run.reward_info, cfg.rl.composition, cfg.privacy.delta,
                               cfg.privacy.accountant)}

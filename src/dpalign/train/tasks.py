@@ -64,6 +64,12 @@ def task_reference(cfg: TrainConfig, cached: Reference) -> Reference:
     return zeros
 
 
+def eval_beta(cfg: TrainConfig) -> float:
+    """The beta of held-out implicit rewards: ``loss.beta``; 1 for a reward model, whose
+    'implicit rewards' are its rewards themselves."""
+    return 1.0 if cfg.reward.enabled else cfg.loss.beta
+
+
 def task_trainable(cfg: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
     """LoRA adapters (or full fine-tuning) as ``cfg.lora`` says; a reward model's head is
     trainable too."""
