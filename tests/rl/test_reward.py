@@ -364,6 +364,8 @@ def test_reward_info_ledger_gives_the_epsilon(reward_cfg: TrainConfig,
     assert spent == json.loads((reward_run.out / "result.json").read_text())["privacy"][
         "epsilon"]
     assert spent == read_jsonl(reward_run.out / "metrics.jsonl")[-1]["epsilon"]
+    # no KL to a reference in a reward model's DP steps (its scores have none)
+    assert all("kl_proxy" not in row for row in read_jsonl(reward_run.out / "metrics.jsonl"))
 
 
 def test_resume_equals_uninterrupted(reward_cfg: TrainConfig, reward_run: TrainResult,

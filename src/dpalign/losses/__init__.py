@@ -69,6 +69,8 @@ class LossSpec:
                        running reward gap; None before the first step).
     private_context:   the keyword inputs used instead under DP, where one pair's loss may not
                        depend on the other pairs of its batch (DAMA: alpha_model held at 1).
+    scores:            ``policy`` holds a reward model's scores, not log-probs (Bradley-Terry):
+                       no KL to a reference is logged.
     """
 
     fn: LossFn
@@ -79,6 +81,7 @@ class LossSpec:
     loop_params: frozenset[str] = frozenset()
     batch_context: BatchContext | None = None
     private_context: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    scores: bool = False
 
     def make_params(self, raw: Mapping[str, Any] | LossParams | None = None) -> LossParams:
         """Validate raw keyword parameters (unknown keys and out-of-range values raise)."""
@@ -116,7 +119,7 @@ LOSSES: dict[str, LossSpec] = {
     "dama": LossSpec(dama, DamaParams, needs_hardness=True, needs_alpha_model=True,
                      loop_params=frozenset({"momentum"}), batch_context=dama_context,
                      private_context=MappingProxyType({"alpha_model": 1.0})),
-    "bradley_terry": LossSpec(bradley_terry, BradleyTerryParams),
+    "bradley_terry": LossSpec(bradley_terry, BradleyTerryParams, scores=True),
 }
 REWARD_LOSSES = frozenset({"bradley_terry"})
 """Losses of reward models (``reward.enabled``), not of policies."""

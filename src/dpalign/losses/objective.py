@@ -88,19 +88,26 @@ def kl_proxy(policy: PairLogps, ref: PairLogps) -> Tensor:
     return 0.25 * (chosen.square() + rejected.square())
 
 
-def with_policy_metrics(out: LossOut, policy: PairLogps, ref: PairLogps) -> LossOut:
+def with_policy_metrics(out: LossOut, policy: PairLogps, ref: PairLogps, *,
+                        scores: bool = False) -> LossOut:
     """``out`` plus per-pair (B,) ``logp_chosen``, ``logp_rejected`` and ``kl_proxy``
-    (detached), so a per-pair engine logs what ``step_metrics`` logs for a plain step."""
-    extra = {"logp_chosen": policy.chosen, "logp_rejected": policy.rejected,
-             "kl_proxy": kl_proxy(policy, ref)}
+    (detached), so a per-pair engine logs what ``step_metrics`` logs for a plain step.
+    ``scores``: ``policy`` holds a reward model's scores (``LossSpec.scores``), which have no
+    reference to be close to: no ``kl_proxy``."""
+    extra = {"logp_chosen": policy.chosen, "logp_rejected": policy.rejected}
+    if not scores:
+        extra["kl_proxy"] = kl_proxy(policy, ref)
     return LossOut(out.per_example, {**out.metrics, **{k: v.detach() for k, v in extra.items()}})
 
 
-def step_metrics(out: LossOut, policy: PairLogps, ref: PairLogps) -> dict[str, float]:
-    """Batch means of the loss, the loss's diagnostics and the log-prob summaries."""
+def step_metrics(out: LossOut, policy: PairLogps, ref: PairLogps, *,
+                 scores: bool = False) -> dict[str, float]:
+    """Batch means of the loss, the loss's diagnostics and the log-prob summaries (no
+    ``kl_proxy`` for a reward model's ``scores``)."""
     with torch.no_grad():
         values = {"loss": out.per_example.mean()}
         values |= {name: v.float().mean() for name, v in out.metrics.items()}
-        values |= {"logp_chosen": policy.chosen.mean(), "logp_rejected": policy.rejected.mean(),
-                   "kl_proxy": kl_proxy(policy, ref).mean()}
+        values |= {"logp_chosen": policy.chosen.mean(), "logp_rejected": policy.rejected.mean()}
+        if not scores:
+            values["kl_proxy"] = kl_proxy(policy, ref).mean()
         return {k: float(v) for k, v in values.items()}

@@ -151,7 +151,8 @@ def pair_loss(model: nn.Module, objective: Objective) -> UnitLoss:
     def loss(units: PairUnits) -> LossOut:
         policy = pair_logps(model, units.batch)
         return with_policy_metrics(objective(policy, units.ref, hardness=units.hardness,
-                                             alpha_model=units.alpha_model), policy, units.ref)
+                                             alpha_model=units.alpha_model), policy, units.ref,
+                                   scores=objective.spec.scores)
     return loss
 
 

@@ -80,7 +80,8 @@ class PlainStep:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params,
                                                    cfg.optim.max_grad_norm or math.inf)
         row = {"epoch": epoch,
-               **step_metrics(LossOut.cat(results), PairLogps.cat(policies), batch_ref),
+               **step_metrics(LossOut.cat(results), PairLogps.cat(policies), batch_ref,
+                              scores=objective.spec.scores),
                **got.metrics, "grad_norm": float(grad_norm)}
         return row, LoopState(loss_state, state.ledger)
 
