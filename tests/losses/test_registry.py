@@ -10,7 +10,9 @@ from pydantic import ValidationError
 
 from dpalign.losses import LOSSES, LossSpec, PairLogps, UnknownLossError, dpo, get_loss
 
-EXPECTED = {"dpo", "ipo", "hinge", "cdpo", "robust", "mdpo", "mmdpo", "dama", "bradley_terry"}
+EXPECTED = {"dpo", "ipo", "hinge", "cdpo", "robust", "mdpo", "mmdpo", "dama", "apo_zero",
+            "apo_down", "bco_pair", "nca_pair", "sppo_hard", "exo_pair", "discopop",
+            "bradley_terry"}
 
 
 def test_every_name_resolves():

@@ -25,11 +25,28 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dpalign.losses import PairLogps, cdpo, dpo, hinge, ipo, robust, sft_nll, token_means
+from dpalign.losses import (
+    PairLogps,
+    apo_down,
+    apo_zero,
+    bco_pair,
+    cdpo,
+    discopop,
+    dpo,
+    exo_pair,
+    hinge,
+    ipo,
+    nca_pair,
+    robust,
+    sft_nll,
+    sppo_hard,
+    token_means,
+)
 
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
 
 BETA = 0.1
+DISCOPOP_TAU = 0.05
 
 
 class StubModel:
@@ -52,6 +69,7 @@ def bare_trainer(loss_type: str, label_smoothing: float = 0.0) -> trl_dpo.DPOTra
     trainer.beta = BETA
     trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
     trainer.label_smoothing = label_smoothing
+    trainer.args = SimpleNamespace(discopop_tau=DISCOPOP_TAU)  # discopop's temperature
     trainer.f_divergence_type = "reverse_kl"  # plain DPO log-ratios
     trainer.precompute_ref_logps = True  # reference log-probs come from the batch
     trainer.ld_alpha = None  # no length desensitisation
@@ -112,22 +130,39 @@ CASES = [
     ("ipo", 0.0, lambda p, r: ipo(token_means(p), token_means(r), beta=BETA)),
     ("robust", 0.2, lambda p, r: robust(p, r, beta=BETA, flip_rate=0.2)),
     ("aot", 0.15, lambda p, r: cdpo(p, r, beta=BETA, label_smoothing=0.15)),
+    ("apo_zero", 0.0, lambda p, r: apo_zero(p, r, beta=BETA)),
+    ("apo_down", 0.0, lambda p, r: apo_down(p, r, beta=BETA)),
+    ("bco_pair", 0.0, lambda p, r: bco_pair(p, r, beta=BETA)),
+    ("nca_pair", 0.0, lambda p, r: nca_pair(p, r, beta=BETA)),
+    ("sppo_hard", 0.0, lambda p, r: sppo_hard(p, r, beta=BETA)),
+    # TRL's EXO takes its target weight eps from label_smoothing
+    ("exo_pair", 1e-3, lambda p, r: exo_pair(p, r, beta=BETA, epsilon=1e-3)),
+    ("discopop", 0.0, lambda p, r: discopop(p, r, beta=BETA, tau=DISCOPOP_TAU)),
 ]
+
+
+# TRL builds EXO's eps as ``torch.tensor(label_smoothing)``, a float32 scalar, so its
+# log(eps) and log(1 - eps) carry float32 rounding (~3e-8 relative on these losses).
+RTOL = {"exo_pair": 1e-7}
 
 
 @pytest.mark.parametrize(("loss_type", "smoothing", "ours"), CASES, ids=[c[0] for c in CASES])
 def test_per_pair_values_match_trl(loss_type, smoothing, ours):
     policy, ref = random_pairs(6, seed=11)
     expected = per_pair_trl(loss_type, policy, ref, smoothing)
-    assert_close(ours(policy, ref).per_example, expected, rtol=1e-10, atol=1e-12)
+    assert_close(ours(policy, ref).per_example, expected, rtol=RTOL.get(loss_type, 1e-10),
+                 atol=1e-12)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust", "apo_zero",
+                                       "apo_down", "bco_pair", "nca_pair", "sppo_hard",
+                                       "exo_pair", "discopop"])
 def test_batch_mean_matches_trl(loss_type):
     ours = {c[0]: c for c in CASES}[loss_type]
     policy, ref = random_pairs(8, seed=5)
     expected = trl_loss(loss_type, policy, ref, ours[1])
-    assert_close(ours[2](policy, ref).per_example.mean(), expected, rtol=1e-10, atol=1e-12)
+    assert_close(ours[2](policy, ref).per_example.mean(), expected,
+                 rtol=RTOL.get(loss_type, 1e-10), atol=1e-12)
 
 
 def test_dpo_gradient_matches_trl():
@@ -146,3 +181,22 @@ def test_sft_nll_matches_trl_sft_for_one_pair():
     policy, ref = random_pairs(4, seed=9)
     expected = per_pair_trl("sft", policy, ref)
     assert_close(sft_nll(policy), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_type", ["apo_zero", "apo_down", "bco_pair", "nca_pair",
+                                       "sppo_hard", "exo_pair", "discopop"])
+def test_peer_loss_gradients_match_trl(loss_type):
+    """d(batch mean) / d(policy log-probs) of the peers' loss heads equals TRL's autograd."""
+    smoothing, ours = next((c[1], c[2]) for c in CASES if c[0] == loss_type)
+    policy, ref = random_pairs(5, seed=4)
+
+    def grads(loss_fn):
+        leaves = [policy.chosen.clone().requires_grad_(),
+                  policy.rejected.clone().requires_grad_()]
+        p = PairLogps(leaves[0], leaves[1], policy.chosen_tokens, policy.rejected_tokens)
+        return torch.autograd.grad(loss_fn(p), leaves)
+
+    mine = grads(lambda p: ours(p, ref).per_example.mean())
+    theirs = grads(lambda p: trl_loss(loss_type, p, ref, smoothing))
+    for a, b in zip(mine, theirs, strict=True):
+        assert_close(a, b, rtol=RTOL.get(loss_type, 1e-10), atol=1e-12)

@@ -28,9 +28,19 @@ LOG2 = math.log(2.0)
 #   dama (any beta_i): -log sigmoid(0) = log 2
 #   ipo: (0 - 1/(2 beta))^2 = 5^2 = 25;  hinge: max(0, 1 - 0) = 1
 #   mdpo: three sigmoid terms at 0 (anchor_delta 0): 3 log 2
+#   apo_zero: (1 - s(0)) + s(0) = 1;  apo_down: s(0) + (1 - s(0)) = 1
+#   bco_pair, nca_pair: -log s(0) - log s(0) = 2 log 2 (nca: log 2 + 0.5 log 2 + 0.5 log 2)
+#   sppo_hard: (0 - 1/(2 beta))^2 + (0 + 1/(2 beta))^2 = 2 * 5^2 = 50
+#   exo_pair (eps 1e-3): 0.5 (log 0.5 - log(1 - eps)) + 0.5 (log 0.5 - log eps)
+#   discopop: mix s(0/tau) = 0.5: 0.5 log 2 + 0.5 exp(0)
 #   bradley_terry (a reward run): the head starts at zero, r = 0 for every answer: log 2
+EXO_EPS = 1e-3
 AT_ZERO_MARGIN = {"dpo": LOG2, "cdpo": LOG2, "robust": LOG2, "mmdpo": LOG2, "dama": LOG2,
                   "ipo": (1 / (2 * BETA)) ** 2, "hinge": 1.0, "mdpo": 3 * LOG2,
+                  "apo_zero": 1.0, "apo_down": 1.0, "bco_pair": 2 * LOG2, "nca_pair": 2 * LOG2,
+                  "sppo_hard": 2 * (1 / (2 * BETA)) ** 2,
+                  "exo_pair": -LOG2 - 0.5 * (math.log1p(-EXO_EPS) + math.log(EXO_EPS)),
+                  "discopop": 0.5 * LOG2 + 0.5,
                   "bradley_terry": LOG2}
 
 

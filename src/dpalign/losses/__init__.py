@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
+from dpalign.losses.apo import ApoParams, apo_down, apo_zero
 from dpalign.losses.base import (
     TIE_RTOL,
     LossOut,
@@ -42,7 +43,9 @@ from dpalign.losses.dpo import DpoParams, dpo, log_ratio_margin
 from dpalign.losses.hinge import HingeParams, hinge
 from dpalign.losses.ipo import IpoParams, ipo, token_means
 from dpalign.losses.mdpo import MdpoParams, mdpo
+from dpalign.losses.mixtures import DiscopopParams, ExoParams, discopop, exo_pair
 from dpalign.losses.mmdpo import MmdpoParams, mmdpo
+from dpalign.losses.pair_classifiers import NoParams, bco_pair, nca_pair, sppo_hard
 from dpalign.losses.params import LossParams
 from dpalign.losses.robust import RobustParams, robust
 from dpalign.losses.sft import sft_nll, with_sft
@@ -119,6 +122,13 @@ LOSSES: dict[str, LossSpec] = {
     "dama": LossSpec(dama, DamaParams, needs_hardness=True, needs_alpha_model=True,
                      loop_params=frozenset({"momentum"}), batch_context=dama_context,
                      private_context=MappingProxyType({"alpha_model": 1.0})),
+    "apo_zero": LossSpec(apo_zero, ApoParams),
+    "apo_down": LossSpec(apo_down, ApoParams),
+    "bco_pair": LossSpec(bco_pair, NoParams),
+    "nca_pair": LossSpec(nca_pair, NoParams),
+    "sppo_hard": LossSpec(sppo_hard, NoParams),
+    "exo_pair": LossSpec(exo_pair, ExoParams),
+    "discopop": LossSpec(discopop, DiscopopParams),
     "bradley_terry": LossSpec(bradley_terry, BradleyTerryParams, scores=True),
 }
 REWARD_LOSSES = frozenset({"bradley_terry"})
@@ -152,6 +162,9 @@ __all__ = [
     "LossSpec",
     "PairLogps",
     "UnknownLossError",
+    "apo_down",
+    "apo_zero",
+    "bco_pair",
     "bradley_terry",
     "cdpo",
     "dama",
@@ -159,7 +172,9 @@ __all__ = [
     "dama_alpha_model",
     "dama_batch_gap",
     "dama_context",
+    "discopop",
     "dpo",
+    "exo_pair",
     "get_loss",
     "hinge",
     "implicit_rewards",
@@ -167,10 +182,12 @@ __all__ = [
     "log_ratio_margin",
     "mdpo",
     "mmdpo",
+    "nca_pair",
     "reward_metrics",
     "reward_ties",
     "robust",
     "sft_nll",
+    "sppo_hard",
     "token_means",
     "update_running_mean",
     "with_sft",
