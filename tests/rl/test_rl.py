@@ -13,6 +13,7 @@ import dp_accounting
 import pytest
 import torch
 from dp_accounting.pld import PLDAccountant
+from PIL import Image
 
 from conftest import CrashError, MakeConfig, crash_at, without_time
 from dpalign.data.records import read_preference_jsonl
@@ -24,7 +25,7 @@ from dpalign.rl.advantages import grpo_advantages, kl_shaped, rl_loss, rloo_adva
 from dpalign.rl.config import RewardConfig
 from dpalign.rl.privacy import CompositionError, check_disjoint, composed
 from dpalign.rl.reward import RewardModel, write_reward_info
-from dpalign.rl.rollout import Rollout, _images, _rows, as_units, rollout_loss
+from dpalign.rl.rollout import Rollout, _rows, as_units, rollout_loss
 from dpalign.train.checkpoint import latest_checkpoint
 from dpalign.train.config import TrainConfig
 from dpalign.train.loop import prepare, train
@@ -183,7 +184,8 @@ def test_rollout_rows_rewards_and_reference(make_config: MakeConfig, reward_dir:
             assert text.strip() == rollout.texts[i][j].strip()
     rm = load_reward_model(reward_dir)
     seen = [with_facts(r, rm.facts) for r in records]
-    rows = _rows(rm.processor, seen, rollout.texts, _images(rm.processor, seen),
+    pictures = [[Image.open(p).convert("RGB") for p in r.images] for r in records]
+    rows = _rows(rm.processor, [r.prompt for r in seen], pictures, rollout.texts,
                  rm.processor.tokenizer.pad_token_id)
     with torch.no_grad():
         expected = as_units(rm.model.scores(*rows), 3)

@@ -57,6 +57,21 @@ class PairBatch:
     with_corrupt: bool
 
 
+def select_rows(tokens: TokenBatch, images: ImageInputs, images_per_row: Tensor,
+                rows: Sequence[int] | Tensor) -> tuple[TokenBatch, ImageInputs, Tensor]:
+    """Rows ``rows`` of a padded batch (tokens (R, L), the rows' images in row order,
+    ``images_per_row`` (R,)) alone, in that order: their tokens with the columns that are
+    padding in all of them dropped, their images, their (len(rows),) image counts."""
+    rows = [int(r) for r in rows]
+    starts = images_per_row.cumsum(0) - images_per_row
+    index = [j for r in rows for j in range(int(starts[r]),
+                                            int(starts[r] + images_per_row[r]))]
+    keep = tokens.attention_mask[rows].bool().any(dim=0)
+    picked = TokenBatch(*(t[rows][:, keep] for t in (tokens.input_ids, tokens.attention_mask,
+                                                      tokens.labels)))
+    return picked, images.select(index), images_per_row[rows]
+
+
 def _hardness(record: PreferenceRecord, field: str) -> float | None:
     value = getattr(record.metadata, field, None) if record.metadata else None
     return None if value is None else float(value)

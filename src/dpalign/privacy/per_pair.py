@@ -29,8 +29,7 @@ from torch import Tensor, nn
 
 from dpalign.losses.base import LossOut, PairLogps
 from dpalign.losses.objective import Objective, pair_logps, with_policy_metrics
-from dpalign.models.encode import TokenBatch
-from dpalign.models.pairs import PairBatch
+from dpalign.models.pairs import PairBatch, select_rows
 
 Params = Mapping[str, nn.Parameter]
 AlphaModel = float | Tensor | None
@@ -59,17 +58,11 @@ def pair_rows(batch: PairBatch) -> Tensor:
 
 def select_pair(batch: PairBatch, i: int) -> PairBatch:
     """Pair ``i`` alone: its rows, their images and hardness, padding columns dropped."""
-    rows = pair_rows(batch)[:, i]
-    starts = batch.images_per_row.cumsum(0) - batch.images_per_row
-    counts = batch.images_per_row
-    index = [j for r in rows for j in range(int(starts[r]), int(starts[r] + counts[r]))]
-    tok = batch.tokens
-    keep = tok.attention_mask[rows].bool().any(dim=0)
-    tokens = TokenBatch(*(t[rows][:, keep] for t in (tok.input_ids, tok.attention_mask,
-                                                     tok.labels)))
+    tokens, images, per_row = select_rows(batch.tokens, batch.images, batch.images_per_row,
+                                          pair_rows(batch)[:, i])
     hardness = None if batch.hardness is None else batch.hardness[i:i + 1]
-    return replace(batch, ids=[batch.ids[i]], tokens=tokens, images=batch.images.select(index),
-                   images_per_row=batch.images_per_row[rows], hardness=hardness, n_pairs=1)
+    return replace(batch, ids=[batch.ids[i]], tokens=tokens, images=images,
+                   images_per_row=per_row, hardness=hardness, n_pairs=1)
 
 
 def sum_rows_per_pair(per_row: Tensor, batch: PairBatch) -> Tensor:

@@ -42,11 +42,15 @@ from dpalign.study.analysis import (
     with_method,
 )
 
-__all__ = ["COMPARED", "PLOTTED", "MethodRow", "method_rows", "methods_figure",
-           "methods_table"]
+__all__ = ["COMPARED", "PLOTTED", "MethodRow", "Reader", "column", "comparison_table",
+           "diverged", "method_rows", "methods_figure", "methods_table", "tuned_rows"]
 
 
-def _column(name: str) -> Callable[[pd.DataFrame], pd.Series]:
+Reader = Callable[[pd.DataFrame], pd.Series]
+"""A figure's reader: runs table -> one number per run."""
+
+
+def column(name: str) -> Reader:
     """A runs-table column as numbers (NaN when absent)."""
 
     def read(runs: pd.DataFrame) -> pd.Series:
@@ -57,28 +61,29 @@ def _column(name: str) -> Callable[[pd.DataFrame], pd.Series]:
     return read
 
 
-def _diverged(runs: pd.DataFrame) -> pd.Series:
+def diverged(runs: pd.DataFrame) -> pd.Series:
+    """1.0 for a diverged run, else 0.0 (NaN when the table has no ``diverged``)."""
     if "diverged" not in runs:
         return pd.Series(math.nan, index=runs.index, dtype=float)
     return runs["diverged"].fillna(False).astype(bool).astype(float)
 
 
 def _generation_share(runs: pd.DataFrame) -> pd.Series:
-    return _column("online_seconds")(runs) / _column("wall_seconds")(runs)
+    return column("online_seconds")(runs) / column("wall_seconds")(runs)
 
 
 COMPARED: dict[str, tuple[str, Callable[[pd.DataFrame], pd.Series]]] = {
-    "heldout": ("held-out reward acc.", _column("final_heldout_reward_accuracy")),
-    "pope_acc": ("POPE-adv acc.", _column("final_pope_adversarial_accuracy")),
-    "pope_f1": ("POPE-adv F1", _column("final_pope_adversarial_f1")),
-    "chair_s": ("CHAIR_s", _column("final_chair_s")),
-    "chair_i": ("CHAIR_i", _column("final_chair_i")),
-    "recall": ("recall", _column("final_recall")),
-    "diverged": ("divergence rate", _diverged),
-    "volatility": ("loss volatility", _column("loss_volatility")),
-    "wall": ("wall s per run", _column("wall_seconds")),
+    "heldout": ("held-out reward acc.", column("final_heldout_reward_accuracy")),
+    "pope_acc": ("POPE-adv acc.", column("final_pope_adversarial_accuracy")),
+    "pope_f1": ("POPE-adv F1", column("final_pope_adversarial_f1")),
+    "chair_s": ("CHAIR_s", column("final_chair_s")),
+    "chair_i": ("CHAIR_i", column("final_chair_i")),
+    "recall": ("recall", column("final_recall")),
+    "diverged": ("divergence rate", diverged),
+    "volatility": ("loss volatility", column("loss_volatility")),
+    "wall": ("wall s per run", column("wall_seconds")),
     "generation": ("generation share of wall", _generation_share),
-    "pair_yield": ("online pair yield", _column("online_pair_yield")),
+    "pair_yield": ("online pair yield", column("online_pair_yield")),
 }
 """Per figure key: the table header and how a run's value is read from the runs table."""
 
@@ -120,15 +125,21 @@ def method_rows(runs: pd.DataFrame, tune: TuneSettings = DEFAULT_TUNE) -> list[M
     ascending, offline first); ``[]`` when the study has one method."""
     if not _several_methods(runs):
         return []
-    ok = with_method(ok_runs(runs))
+    return tuned_rows(with_method(ok_runs(runs)), tune, COMPARED)
+
+
+def tuned_rows(runs: pd.DataFrame, tune: TuneSettings,
+               compared: Mapping[str, tuple[str, Reader]]) -> list[MethodRow]:
+    """A :class:`MethodRow` per tuning group of ``runs`` (finished, with ``method``) at its
+    tuned configuration, with an :class:`Estimate` of each ``compared`` figure."""
     out = []
-    for choice in tuned_choices(ok, tune):
+    for choice in tuned_choices(runs, tune):
         g = choice.group
-        rows = ok[ok["point"] == choice.point]
+        rows = runs[runs["point"] == choice.point]
         out.append(MethodRow(str(g["mechanism"]), float(g["epsilon_target"]), int(g["k"]),
                              str(g["loss"]), str(g["method"]), choice.point, len(rows),
                              {key: estimate(read(rows)) for key, (_, read)
-                              in COMPARED.items()}))
+                              in compared.items()}))
     return out
 
 
@@ -159,11 +170,8 @@ def methods_table(rows: Sequence[MethodRow]) -> Table | None:
     """The "Offline vs online alignment" table (``None`` without rows)."""
     if not rows:
         return None
-    coordinates = _coordinates(rows)
-    headers = (*(h for h, _ in coordinates), *(h for h, _ in COMPARED.values()))
-    body = tuple((*(make(r) for _, make in coordinates),
-                  *(_estimate_cell(r.stats[key]) for key in COMPARED)) for r in rows)
-    return Table("methods", "Offline vs online alignment",
+    return comparison_table(
+        "methods", "Offline vs online alignment",
                  "Per ε and K, each alignment method (offline: the recorded pairs; online: "
                  "pairs sampled from the current policy each step, best vs worst by the "
                  "judge; mixed: some of each; bdhs: the recorded chosen vs a rejection "
@@ -174,7 +182,18 @@ def methods_table(rows: Sequence[MethodRow]) -> Table | None:
                  "time spent sampling and judging answers (— where nothing was sampled "
                  "during training); the pair yield is the fraction of prompts sampled "
                  "online whose answers were not all tied. Methods are compared, never "
-                 "tuned over. Click a header to sort.", headers, body)
+                 "tuned over. Click a header to sort.", rows, COMPARED)
+
+
+def comparison_table(table_id: str, title: str, caption: str, rows: Sequence[MethodRow],
+                     compared: Mapping[str, tuple[str, Reader]], method: bool = True) -> Table:
+    """A table of :class:`MethodRow` s: their coordinate columns (``method`` among them
+    unless ``method`` is False), then each ``compared`` figure's estimate."""
+    coordinates = [(h, make) for h, make in _coordinates(rows) if method or h != "method"]
+    headers = (*(h for h, _ in coordinates), *(h for h, _ in compared.values()))
+    body = tuple((*(make(r) for _, make in coordinates),
+                  *(_estimate_cell(r.stats[key]) for key in compared)) for r in rows)
+    return Table(table_id, title, caption, headers, body)
 
 
 def _series(rows: Sequence[MethodRow]) -> list[tuple[str, str, list[Cell]]]:

@@ -22,8 +22,7 @@ reward-model runs renders as before.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 from matplotlib import colormaps
@@ -31,7 +30,14 @@ from matplotlib import colormaps
 from dpalign.diagnostics.trends import VerdictThresholds
 from dpalign.report.fmt import format_epsilon
 from dpalign.report.load import StudyInput
-from dpalign.report.methods import MethodRow, _coordinates, _estimate_cell
+from dpalign.report.methods import (
+    MethodRow,
+    Reader,
+    column,
+    comparison_table,
+    diverged,
+    tuned_rows,
+)
 from dpalign.report.plot import (
     LINESTYLES,
     STEP_LABEL,
@@ -46,10 +52,8 @@ from dpalign.rl.config import RL_METHODS
 from dpalign.study.analysis import (
     OFFLINE,
     TuneSettings,
-    estimate,
     method_order,
     ok_runs,
-    tuned_choices,
     with_method,
 )
 from dpalign.study.rl import ENTROPY_COLLAPSE_RATIO, FINAL_FRACTION, TREND_BLOCKS
@@ -57,52 +61,32 @@ from dpalign.study.rl import ENTROPY_COLLAPSE_RATIO, FINAL_FRACTION, TREND_BLOCK
 __all__ = ["REWARD_COMPARED", "RL_COMPARED", "RL_PLOTTED", "policy_runs", "reward_rows",
            "reward_runs", "reward_table", "rl_figure", "rl_rows", "rl_rules", "rl_table"]
 
-Reader = Callable[[pd.DataFrame], pd.Series]
-
-
-def _column(name: str) -> Reader:
-    """A runs-table column as numbers (NaN when absent)."""
-
-    def read(runs: pd.DataFrame) -> pd.Series:
-        if name not in runs:
-            return pd.Series(math.nan, index=runs.index, dtype=float)
-        return pd.to_numeric(runs[name], errors="coerce").astype(float)
-
-    return read
-
-
-def _diverged(runs: pd.DataFrame) -> pd.Series:
-    if "diverged" not in runs:
-        return pd.Series(math.nan, index=runs.index, dtype=float)
-    return runs["diverged"].fillna(False).astype(bool).astype(float)
-
-
 def _total_epsilon(runs: pd.DataFrame) -> pd.Series:
     """The RL run's composed ``total_epsilon``; else the run's own ``epsilon``."""
-    return _column("total_epsilon")(runs).fillna(_column("epsilon")(runs))
+    return column("total_epsilon")(runs).fillna(column("epsilon")(runs))
 
 
 RL_COMPARED: dict[str, tuple[str, Reader]] = {
-    "judge": ("judge score (end)", _column("rl_judge_final")),
-    "reward": ("reward-model score (end)", _column("rl_reward_final")),
-    "kl": ("KL to ref. (end, nats)", _column("rl_kl_final")),
-    "entropy_ratio": ("entropy ratio (end / start)", _column("rl_entropy_ratio")),
-    "pope_f1": ("POPE-adv F1", _column("final_pope_adversarial_f1")),
-    "chair_s": ("CHAIR_s", _column("final_chair_s")),
-    "diverged": ("divergence rate", _diverged),
-    "hacking": ("hacking rate", _column("rl_hacking")),
-    "collapse": ("entropy-collapse rate", _column("rl_entropy_collapse")),
+    "judge": ("judge score (end)", column("rl_judge_final")),
+    "reward": ("reward-model score (end)", column("rl_reward_final")),
+    "kl": ("KL to ref. (end, nats)", column("rl_kl_final")),
+    "entropy_ratio": ("entropy ratio (end / start)", column("rl_entropy_ratio")),
+    "pope_f1": ("POPE-adv F1", column("final_pope_adversarial_f1")),
+    "chair_s": ("CHAIR_s", column("final_chair_s")),
+    "diverged": ("divergence rate", diverged),
+    "hacking": ("hacking rate", column("rl_hacking")),
+    "collapse": ("entropy-collapse rate", column("rl_entropy_collapse")),
     "total_epsilon": ("total ε", _total_epsilon),
-    "wall": ("wall s per run", _column("wall_seconds")),
+    "wall": ("wall s per run", column("wall_seconds")),
 }
 """Per figure key of the "RL under DP" table: its header and how a run's value is read."""
 
 REWARD_COMPARED: dict[str, tuple[str, Reader]] = {
-    "accuracy": ("held-out reward acc.", _column("final_heldout_reward_accuracy")),
-    "loss": ("held-out loss", _column("final_heldout_loss")),
-    "epsilon": ("ε spent", _column("epsilon")),
-    "diverged": ("divergence rate", _diverged),
-    "wall": ("wall s per run", _column("wall_seconds")),
+    "accuracy": ("held-out reward acc.", column("final_heldout_reward_accuracy")),
+    "loss": ("held-out loss", column("final_heldout_loss")),
+    "epsilon": ("ε spent", column("epsilon")),
+    "diverged": ("divergence rate", diverged),
+    "wall": ("wall s per run", column("wall_seconds")),
 }
 """Per figure key of the "Reward model vs epsilon" table: its header and reader."""
 
@@ -132,18 +116,6 @@ def policy_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return ok[~_reward_flags(ok)]
 
 
-def _rows(runs: pd.DataFrame, tune: TuneSettings,
-          compared: dict[str, tuple[str, Reader]]) -> list[MethodRow]:
-    out = []
-    for choice in tuned_choices(runs, tune):
-        g = choice.group
-        rows = runs[runs["point"] == choice.point]
-        out.append(MethodRow(str(g["mechanism"]), float(g["epsilon_target"]), int(g["k"]),
-                             str(g["loss"]), str(g["method"]), choice.point, len(rows),
-                             {key: estimate(read(rows)) for key, (_, read) in compared.items()}))
-    return out
-
-
 def rl_rows(runs: pd.DataFrame, tune: TuneSettings = DEFAULT_TUNE) -> list[MethodRow]:
     """A :class:`~dpalign.report.methods.MethodRow` per tuning group of the offline and RL
     methods (no DP first, epsilon from large to small, offline first); ``[]`` when no
@@ -151,30 +123,21 @@ def rl_rows(runs: pd.DataFrame, tune: TuneSettings = DEFAULT_TUNE) -> list[Metho
     ok = policy_runs(runs)
     if not ok["method"].isin(RL_METHODS).any():
         return []
-    return _rows(ok[ok["method"].isin((OFFLINE, *RL_METHODS))], tune, RL_COMPARED)
+    return tuned_rows(ok[ok["method"].isin((OFFLINE, *RL_METHODS))], tune, RL_COMPARED)
 
 
 def reward_rows(runs: pd.DataFrame, tune: TuneSettings = DEFAULT_TUNE) -> list[MethodRow]:
     """A row per (mechanism, epsilon, K, loss) group of the reward-model runs at its tuned
     configuration; ``[]`` without reward-model runs."""
     ok = reward_runs(runs)
-    return _rows(ok, tune, REWARD_COMPARED) if not ok.empty else []
-
-
-def _table(table_id: str, title: str, caption: str, rows: Sequence[MethodRow],
-           compared: dict[str, tuple[str, Reader]], method: bool = True) -> Table:
-    coordinates = [(h, make) for h, make in _coordinates(rows) if method or h != "method"]
-    headers = (*(h for h, _ in coordinates), *(h for h, _ in compared.values()))
-    body = tuple((*(make(r) for _, make in coordinates),
-                  *(_estimate_cell(r.stats[key]) for key in compared)) for r in rows)
-    return Table(table_id, title, caption, headers, body)
+    return tuned_rows(ok, tune, REWARD_COMPARED) if not ok.empty else []
 
 
 def rl_table(rows: Sequence[MethodRow]) -> Table | None:
     """The "RL under DP" table (``None`` without rows)."""
     if not rows:
         return None
-    return _table(
+    return comparison_table(
         "rl", "RL under DP",
         "Per ε and K, offline DPO on the recorded pairs and RL against the reward model "
         "(rloo: leave-one-out baseline; grpo: group-normalised advantages; each step samples "
@@ -192,7 +155,7 @@ def reward_table(rows: Sequence[MethodRow]) -> Table | None:
     """The "Reward model vs epsilon" table (``None`` without rows)."""
     if not rows:
         return None
-    return _table(
+    return comparison_table(
         "reward", "Reward model vs epsilon",
         "The study's reward models (Bradley-Terry, reward.enabled) per ε and K at their tuned "
         "configuration: held-out pairwise accuracy (the fraction of held-out pairs with "
@@ -240,11 +203,11 @@ def rl_figure(study: StudyInput, cells: Sequence[Cell]) -> FigureOut | None:
     several_k = len({r.k for r in rows}) > 1
     fig, axes = new_figure(1, len(RL_PLOTTED))
     drawn = False
-    for ax, (column, unit) in zip(axes.ravel(), RL_PLOTTED, strict=True):
+    for ax, (key, unit) in zip(axes.ravel(), RL_PLOTTED, strict=True):
         for row in rows:
             names = runs.loc[runs["point"] == row.point, "run"].astype(str)
             frames = [study.logs[n] for n in names if n in study.logs]
-            mean = _step_mean(frames, column)
+            mean = _step_mean(frames, key)
             if mean is None or mean.empty:
                 continue
             label = ", ".join([row.method, format_epsilon(row.epsilon),

@@ -37,6 +37,7 @@ from dpalign.losses.base import LossOut
 from dpalign.models.encode import PromptEncoder, TokenBatch, pad_batch, response_ids
 from dpalign.models.families import ImageInputs, process_images
 from dpalign.models.logprobs import sequence_logps
+from dpalign.models.pairs import select_rows
 from dpalign.online.generate import Query, SamplingConfig, sample
 from dpalign.online.judge import Judge
 from dpalign.rl.advantages import rl_loss
@@ -71,20 +72,12 @@ class Rollout:
         """Prompts ``units`` alone (their rows, still in k blocks), padding columns
         dropped."""
         n = self.n_units
-        rows = [j * n + i for j in range(self.k) for i in units]
-        starts = self.images_per_row.cumsum(0) - self.images_per_row
-        index = [m for r in rows for m in range(int(starts[r]),
-                                                int(starts[r] + self.images_per_row[r]))]
-        tok = self.tokens
-        keep = tok.attention_mask[rows].bool().any(dim=0)
-        tokens = TokenBatch(*(t[rows][:, keep] for t in (tok.input_ids, tok.attention_mask,
-                                                         tok.labels)))
-        pick = torch.tensor(list(units), dtype=torch.long)
-        return replace(self, tokens=tokens, images=self.images.select(index),
-                       images_per_row=self.images_per_row[rows],
-                       rewards=self.rewards[pick.to(self.rewards.device)],
-                       judge=self.judge[pick.to(self.judge.device)],
-                       ref=self.ref[pick.to(self.ref.device)],
+        tokens, images, per_row = select_rows(
+            self.tokens, self.images, self.images_per_row,
+            [j * n + i for j in range(self.k) for i in units])
+        pick = torch.tensor(list(units), dtype=torch.long, device=self.rewards.device)
+        return replace(self, tokens=tokens, images=images, images_per_row=per_row,
+                       rewards=self.rewards[pick], judge=self.judge[pick], ref=self.ref[pick],
                        texts=[self.texts[i] for i in units])
 
     def unit(self, i: int) -> Rollout:
@@ -96,40 +89,30 @@ def as_units(values: Tensor, k: int) -> Tensor:
     return values.view(k, -1).T
 
 
-def _rows(processor: object, records: Sequence[PreferenceRecord], texts: list[list[str]],
-          images: Sequence[ImageInputs], pad_id: int) -> tuple[TokenBatch, ImageInputs, Tensor]:
-    """The rollout's rows for ``processor``'s model: prompt i + answer j at row j U + i."""
+def _rows(processor: object, prompts: Sequence[str], pictures: Sequence[list[Image.Image]],
+          texts: list[list[str]], pad_id: int) -> tuple[TokenBatch, ImageInputs, Tensor]:
+    """The rollout's rows for ``processor``'s model: prompt i (with its images
+    ``pictures[i]``) + answer j at row j U + i."""
     encode = PromptEncoder(processor)  # type: ignore[arg-type]
-    sizes = [[Image.open(p).size for p in r.images] for r in records]
-    prompts = [encode(r.prompt, sizes=s) for r, s in zip(records, sizes, strict=True)]
-    k, u = len(texts[0]), len(records)
+    ids = [encode(p, sizes=[im.size for im in ims]) for p, ims in zip(prompts, pictures,
+                                                                      strict=True)]
+    images = [process_images(processor, ims) for ims in pictures]  # type: ignore[arg-type]
+    k, u = len(texts[0]), len(prompts)
     order = [(i, j) for j in range(k) for i in range(u)]
-    tokens = pad_batch([prompts[i] for i, _ in order],
+    tokens = pad_batch([ids[i] for i, _ in order],
                        [response_ids(processor, texts[i][j].strip()) for i, j in order],  # type: ignore[arg-type]
                        pad_id)
     return (tokens, ImageInputs.cat([images[i] for i, _ in order]),
             torch.tensor([len(images[i]) for i, _ in order]))
 
 
-def _images(processor: object, records: Sequence[PreferenceRecord]) -> list[ImageInputs]:
-    return [process_images(processor, [Image.open(p).convert("RGB")  # type: ignore[arg-type]
-                                       for p in r.images]) for r in records]
-
-
 @torch.no_grad()
-def _in_chunks(fn: object, tokens: TokenBatch, images: ImageInputs, per_row: Tensor,
-               size: int) -> Tensor:
+def _in_chunks(fn: Callable[[TokenBatch, ImageInputs, Tensor], Tensor], tokens: TokenBatch,
+               images: ImageInputs, per_row: Tensor, size: int) -> Tensor:
     """``fn(tokens, images, images_per_row) -> (n,)`` over rows ``size`` at a time."""
-    starts = per_row.cumsum(0) - per_row
-    parts = []
-    for a in range(0, len(per_row), size):
-        rows = list(range(a, min(a + size, len(per_row))))
-        index = [m for r in rows for m in range(int(starts[r]), int(starts[r] + per_row[r]))]
-        keep = tokens.attention_mask[rows].bool().any(dim=0)
-        chunk = TokenBatch(*(t[rows][:, keep] for t in (tokens.input_ids,
-                                                        tokens.attention_mask, tokens.labels)))
-        parts.append(fn(chunk, images.select(index), per_row[rows]))  # type: ignore[operator]
-    return torch.cat(parts)
+    n = len(per_row)
+    return torch.cat([fn(*select_rows(tokens, images, per_row, range(a, min(a + size, n))))
+                      for a in range(0, n, size)])
 
 
 @dataclass(frozen=True)
@@ -153,7 +136,8 @@ def make_rollout(policy: nn.Module, processor: object, reward: LoadedReward, jud
                    sampling=settings.sampling, seed=settings.seed * 1_000_003 + step,
                    batch_size=settings.batch_size)
     device = next(policy.parameters()).device
-    tokens, images, per_row = _rows(processor, records, texts, _images(processor, records),
+    pictures = [[Image.open(p).convert("RGB") for p in r.images] for r in records]
+    tokens, images, per_row = _rows(processor, [r.prompt for r in records], pictures, texts,
                                     pad_id)
     was_training = policy.training
     policy.eval()
@@ -161,9 +145,9 @@ def make_rollout(policy: nn.Module, processor: object, reward: LoadedReward, jud
         ref = _in_chunks(lambda t, im, n: sequence_logps(policy, t, im, n).total, tokens,
                          images, per_row, settings.batch_size)
     policy.train(was_training)
-    seen = [with_facts(r, reward.facts) for r in records]
-    rm_pad = reward.processor.tokenizer.pad_token_id
-    rm_rows = _rows(reward.processor, seen, texts, _images(reward.processor, seen), rm_pad)
+    seen = [with_facts(r, reward.facts).prompt for r in records]
+    rm_rows = _rows(reward.processor, seen, pictures, texts,
+                    reward.processor.tokenizer.pad_token_id)
     scores = _in_chunks(reward.model.scores, *rm_rows, settings.batch_size)
     judged = torch.tensor([list(judge(r, answers)) for r, answers in zip(records, texts,
                                                                          strict=True)])
