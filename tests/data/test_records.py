@@ -202,7 +202,6 @@ BAD_CASES: dict[str, tuple[list[str | dict[str, Any]], int, str]] = {
     ),
     "blank prompt": ([row(prompt="   ")], 1, "field 'prompt' must be a non-empty string"),
     "prompt not a string": ([row(prompt=3)], 1, "field 'prompt' must be a string, got integer"),
-    "no images": ([row(images=[])], 1, "field 'images' must not be empty"),
     "images is a string": ([row(images="img.png")], 1, "field 'images' must be a list, got string"),
     "both image and images": (
         [row(image="img.png")],
@@ -511,3 +510,16 @@ def test_cli_validate_missing_file_and_markup_like_text(tmp_path: Path) -> None:
     result = runner.invoke(app, ["data", "validate", str(path)])
     assert result.exit_code == 1
     assert f"{path}:1: image '[bold]/x.png' not found" in result.stderr
+
+
+def test_text_only_records_round_trip(tmp_path: Path) -> None:
+    """A pair with no images (key absent or an empty list) is a text-only record; it is
+    written back without an ``images`` key and reads back equal."""
+    absent = {k: v for k, v in row("t1").items() if k != "images"}
+    path = write_lines(tmp_path / "text.jsonl", [absent, row("t2", images=[])])
+    got = read_preference_jsonl(path)
+    assert [r.images for r in got] == [(), ()]
+    assert all(r.text_only for r in got)
+    copy = write_preference_jsonl(tmp_path / "copy.jsonl", got)
+    assert all("images" not in json.loads(line) for line in copy.read_text().splitlines())
+    assert read_preference_jsonl(copy) == got

@@ -258,7 +258,7 @@ def _to_row(record: PreferenceRecord, images: list[str]) -> dict[str, Any]:
     }
     row: dict[str, Any] = {
         "id": record.id,
-        "images": images,
+        **({"images": images} if images else {}),
         "prompt": record.prompt,
         "chosen": record.chosen,
         "rejected": record.rejected,

@@ -11,7 +11,9 @@ Example line::
      "metadata": {"user_id": "u7", "error_kind": "object", "hardness": "hard"}}
 
 ``"image": "img/p1.png"`` may stand in for ``"images"`` when there is one image. Image paths
-are relative to the JSONL file's folder, or absolute.
+are relative to the JSONL file's folder, or absolute. A record without images (no
+``"images"``, or ``"images": []``) is a text-only pair, for text LLMs (or a VLM asked
+without a picture).
 """
 
 from __future__ import annotations
@@ -75,12 +77,13 @@ class PairMetadata(BaseModel):
 
 
 class PreferenceRecord(BaseModel):
-    """One preference example: image(s), prompt, chosen and rejected response."""
+    """One preference example: image(s) (none for a text-only pair), prompt, chosen and
+    rejected response."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: IdStr
-    images: Annotated[tuple[NonEmptyStr, ...], Field(min_length=1)]
+    images: tuple[NonEmptyStr, ...] = ()
     prompt: NonEmptyStr
     chosen: NonEmptyStr
     rejected: NonEmptyStr
@@ -121,6 +124,11 @@ class PreferenceRecord(BaseModel):
                 "no_preference", "'chosen' and 'rejected' are identical: no preference signal"
             )
         return self
+
+    @property
+    def text_only(self) -> bool:
+        """True for a pair without images."""
+        return not self.images
 
     @property
     def user_id(self) -> str | None:
