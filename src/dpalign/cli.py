@@ -143,7 +143,7 @@ def data_bdhs(
     MODEL with the image masked from attention (BDHS; input checked before the model loads)."""
     from rich.markup import escape
 
-    from dpalign.models.load import load_vlm, resolve_device, resolve_dtype
+    from dpalign.models.load import load_model, resolve_device, resolve_dtype
     from dpalign.online.bdhs import make_bdhs_pairs, read_bdhs_inputs
     from dpalign.online.config import BDHSConfig
 
@@ -153,7 +153,7 @@ def data_bdhs(
                                               "max_new_tokens": max_new_tokens})
         items = read_bdhs_inputs(source)
         where = resolve_device(device)
-        vlm = load_vlm(model, device=str(where), dtype=resolve_dtype("auto", where))
+        vlm = load_model(model, device=str(where), dtype=resolve_dtype("auto", where))
         summary = make_bdhs_pairs(vlm.model, vlm.processor, items, out, cfg,
                                   batch_size=batch_size)
     except (OSError, ImportError, ValueError) as exc:  # incl. DataValidationError
@@ -453,7 +453,7 @@ def evaluate(
     from dpalign.eval.published import plan_published, plan_warnings, run_published
     from dpalign.eval.world_eval import EvalSettings, evaluate_world
     from dpalign.io import atomic_write_json
-    from dpalign.models.load import load_vlm, resolve_device, resolve_dtype
+    from dpalign.models.load import load_model, resolve_device, resolve_dtype
     from dpalign.world.load import World
 
     if world is None and not pope_file and coco_instances is None:
@@ -467,7 +467,7 @@ def evaluate(
         for warning in plan_warnings(plan):
             err.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
         where = resolve_device(device)
-        vlm = load_vlm(model, device=str(where), dtype=resolve_dtype(dtype, where),
+        vlm = load_model(model, device=str(where), dtype=resolve_dtype(dtype, where),
                        trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise fail(escape(str(exc))) from exc

@@ -17,7 +17,7 @@ from dpalign.data.records import read_preference_jsonl
 from dpalign.eval.preference import preference_metrics
 from dpalign.io import read_jsonl
 from dpalign.losses.base import PairLogps
-from dpalign.models.load import load_vlm
+from dpalign.models.load import load_model
 from dpalign.models.pairs import encode_pairs
 from dpalign.train.reference import compute_reference
 from dpalign.world.load import World
@@ -75,7 +75,7 @@ def test_train_end_to_end(small_world: Path, tiny_model: Path, tmp_path: Path) -
         "train.safetensors", "heldout.safetensors"}
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000004"]
 
-    final = load_vlm(out / "final")
+    final = load_model(out / "final")
     held = encode_pairs(read_preference_jsonl(World.load(small_world).heldout_file),
                         final.processor)
     policy = compute_reference(final.model, held, final.processor.tokenizer.pad_token_id,  # type: ignore[attr-defined]
@@ -87,7 +87,7 @@ def test_train_end_to_end(small_world: Path, tiny_model: Path, tmp_path: Path) -
     assert again["reward_margin"] == pytest.approx(evaluations[-1]["heldout_reward_margin"],
                                                    abs=1e-3)
     assert abs(again["reward_margin"]) > 1e-3  # the saved model is the trained one
-    base = load_vlm(tiny_model).model.state_dict()
+    base = load_model(tiny_model).model.state_dict()
     changed = [n for n, t in final.model.state_dict().items() if not torch.equal(t, base[n])]
     assert changed and all("language_model" in n for n in changed)
 

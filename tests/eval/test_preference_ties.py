@@ -16,7 +16,7 @@ import torch
 from dpalign.data.records import read_preference_jsonl
 from dpalign.eval.preference import preference_metrics
 from dpalign.losses import TIE_RTOL
-from dpalign.models.load import load_vlm
+from dpalign.models.load import load_model
 from dpalign.models.pairs import encode_pairs
 from dpalign.train.reference import compute_reference
 from dpalign.world.load import World
@@ -25,7 +25,7 @@ from dpalign.world.load import World
 @pytest.mark.parametrize("batch_size", [1, 5, 7])
 def test_policy_equal_to_reference_ties_in_any_layout(small_world: Path, tiny_model: Path,
                                                       batch_size: int) -> None:
-    vlm = load_vlm(tiny_model)
+    vlm = load_model(tiny_model)
     pairs = encode_pairs(read_preference_jsonl(World.load(small_world).heldout_file),
                          vlm.processor)
     pad = vlm.processor.tokenizer.pad_token_id

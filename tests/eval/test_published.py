@@ -34,7 +34,7 @@ from dpalign.eval.published import (
     plan_warnings,
     pope_from_file,
 )
-from dpalign.models.load import load_vlm
+from dpalign.models.load import load_model
 from dpalign.world.load import World
 
 # tests/eval/test_published.py -> parents[2] is the repository root; shared/ sits beside it.
@@ -511,7 +511,7 @@ def test_cli_malformed_captions_json_and_captions_without_instances(
 def test_cli_eval_with_reference_captions(reference_files: dict[str, Path], tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI with a stand-in model that writes GENERATED: the scores worked out above."""
-    monkeypatch.setattr("dpalign.models.load.load_vlm",
+    monkeypatch.setattr("dpalign.models.load.load_model",
                         lambda *args, **kwargs: SimpleNamespace(model=None, processor=None))
     monkeypatch.setattr("dpalign.eval.published.generate",
                         lambda model, processor, images, prompts, **kwargs:
@@ -626,7 +626,7 @@ def test_cli_eval_on_published_files(tiny_model: Path, published_files: dict[str
     assert "CHAIR rules: coco-official" in result.output
 
     # The library gives the same answers and captions (greedy decoding, one batch).
-    vlm = load_vlm(tiny_model)
+    vlm = load_model(tiny_model)
     direct = pope_from_file(vlm.model, vlm.processor, files["pope"], files["images"],
                             batch_size=64)
     assert direct["answers"] == pope["answers"]

@@ -1,7 +1,7 @@
 """Every supported VLM family, at toy size, through dpalign's real paths.
 
 Each family's model is built with its own transformers classes, a locally trained tokenizer
-and the family's processor, saved and loaded back through ``load_vlm`` (Auto classes,
+and the family's processor, saved and loaded back through ``load_model`` (Auto classes,
 safetensors). Against per-example references computed with the family's own processor:
 token ids, sequence log-probs (left and right padding, batched vs alone), per-pair DP
 gradients (hooks engine vs the one-pair-at-a-time loop), and two steps of DPO and of DP-DPO.
@@ -25,7 +25,7 @@ from dpalign.losses.config import LossConfig
 from dpalign.losses.objective import Objective, pair_logps
 from dpalign.models.encode import chat_prompt, pad_batch
 from dpalign.models.families import ImageInputs, family_of, process_images
-from dpalign.models.load import load_vlm, resolve_device, resolve_dtype
+from dpalign.models.load import load_model, resolve_device, resolve_dtype
 from dpalign.models.logprobs import ImageTokenMismatchError, sequence_logps
 from dpalign.models.lora import LoraConfig, prepare_trainable
 from dpalign.models.pairs import collate, encode_pairs
@@ -51,7 +51,7 @@ def pool(small_world: Path) -> list:
 def test_saved_folder_loads_as_its_family(family_dirs: dict[str, Path], name: str) -> None:
     """Auto classes give the family's model class and an image-text processor; safetensors
     only (no pickle files written or read)."""
-    vlm = load_vlm(family_dirs[name])
+    vlm = load_model(family_dirs[name])
     assert type(vlm.model).__name__ == MODEL_CLASS[name]
     assert family_of(vlm.model).name == ("llava" if name == "llava_next" else name)
     assert hasattr(vlm.processor, "image_processor") and hasattr(vlm.processor, "tokenizer")
@@ -65,7 +65,7 @@ def test_token_ids_equal_the_processors_own(family_dirs: dict[str, Path], pool: 
                                             name: str) -> None:
     """dpalign's prompt + response ids equal the family processor run on the whole text
     (template, image-token expansion and all), and image tensors equal its batch output."""
-    vlm = load_vlm(family_dirs[name])
+    vlm = load_model(family_dirs[name])
     tok = vlm.processor.tokenizer
     pairs = encode_pairs(pool[:3], vlm.processor)
     for record, pair in zip(pool[:3], pairs, strict=True):
@@ -98,7 +98,7 @@ def test_batched_logps_equal_per_example_forward(family_dirs: dict[str, Path], p
                                                  name: str, side: str) -> None:
     """A padded batch of 2B rows gives each row's log-prob as computed alone by the family's
     processor and a plain forward (padding side, image layout and positions all handled)."""
-    vlm = load_vlm(family_dirs[name])
+    vlm = load_model(family_dirs[name])
     pairs = encode_pairs(pool[:3], vlm.processor)
     pad = vlm.processor.tokenizer.pad_token_id
     batch = collate(pairs, pad, side=side)
@@ -114,7 +114,7 @@ def test_batched_logps_equal_per_example_forward(family_dirs: dict[str, Path], p
 def test_image_token_mismatch_names_the_row(family_dirs: dict[str, Path], pool: list,
                                             name: str) -> None:
     """A prompt that lost one image placeholder fails before the forward, naming the row."""
-    vlm = load_vlm(family_dirs[name])
+    vlm = load_model(family_dirs[name])
     pairs = encode_pairs(pool[:2], vlm.processor)
     image_id = int(vlm.model.config.image_token_id)
     broken = list(pairs[1].prompt)
@@ -131,7 +131,7 @@ def test_dp_per_pair_grads_equal_the_loop(family_dirs: dict[str, Path], pool: li
                                           name: str) -> None:
     """LoRA on the family's language model: the one-backward hooks engine gives each pair's
     gradient as the one-pair-at-a-time loop does, and the pairs sum to the batch gradient."""
-    vlm = load_vlm(family_dirs[name])
+    vlm = load_model(family_dirs[name])
     torch.manual_seed(0)
     model = prepare_trainable(vlm.model, LoraConfig(r=2, alpha=4))
     for pname, p in model.named_parameters():  # B = 0 at start: move off the zero point
@@ -184,7 +184,7 @@ def test_two_training_steps(family_dirs: dict[str, Path], small_world: Path, tmp
         acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
             0.5, dp_accounting.GaussianDpEvent(1.0)), 2))  # q = 4 / 8, sigma 1, 2 steps
         assert rows[-1]["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-3)
-    reloaded = load_vlm(result.out / "final")
+    reloaded = load_model(result.out / "final")
     assert type(reloaded.model).__name__ == MODEL_CLASS[name]
 
 
@@ -201,10 +201,10 @@ def test_auto_device_and_dtype_on_this_machine() -> None:
 
 def test_bfloat16_logps_match_float32(family_dirs: dict[str, Path], pool: list) -> None:
     """The same model in bfloat16 gives the float32 log-probs up to bf16 precision."""
-    pairs = encode_pairs(pool[:4], load_vlm(family_dirs["llava"]).processor)
+    pairs = encode_pairs(pool[:4], load_model(family_dirs["llava"]).processor)
     got = {}
     for dtype in (torch.float32, torch.bfloat16):
-        vlm = load_vlm(family_dirs["llava"], dtype=dtype)
+        vlm = load_model(family_dirs["llava"], dtype=dtype)
         batch = collate(pairs, vlm.processor.tokenizer.pad_token_id)
         with torch.no_grad():
             got[dtype] = sequence_logps(vlm.model, batch.tokens, batch.images,
@@ -217,7 +217,7 @@ def test_bfloat16_logps_match_float32(family_dirs: dict[str, Path], pool: list) 
 
 def test_process_images_units_split_back(family_dirs: dict[str, Path], pool: list) -> None:
     """Qwen2-VL's flat patch rows: selecting images returns exactly their own rows."""
-    vlm = load_vlm(family_dirs["qwen2_vl"])
+    vlm = load_model(family_dirs["qwen2_vl"])
     images = [Image.open(r.images[0]).convert("RGB") for r in pool[:3]]
     images[1] = images[1].resize((48, 32))
     joined = process_images(vlm.processor, images)
@@ -236,7 +236,7 @@ def test_batched_generation_equals_one_at_a_time(family_dirs: dict[str, Path], p
     as ``model.generate`` on the family processor's output for that example alone."""
     from dpalign.eval.generate import generate
 
-    vlm = load_vlm(family_dirs[name])
+    vlm = load_model(family_dirs[name])
     tok = vlm.processor.tokenizer
     records = pool[:3]
     prompts = [r.prompt if i != 1 else r.prompt + " Answer briefly." for i, r in
@@ -271,7 +271,7 @@ def test_remote_code_never_runs_without_the_flag(family_dirs: dict[str, Path],
     config["auto_map"] = {"AutoModelForImageTextToText": "modeling_shipped.ShippedModel"}
     (folder / "config.json").write_text(json.dumps(config))
     try:
-        vlm = load_vlm(folder)
+        vlm = load_model(folder)
         assert type(vlm.model).__name__ == "LlavaForConditionalGeneration"
     except ValueError as exc:  # transformers may refuse outright instead
         assert "trust_remote_code" in str(exc)
@@ -290,4 +290,4 @@ def test_pickle_weights_are_refused(family_dirs: dict[str, Path], tmp_path: Path
     (folder / "model.safetensors").unlink()
     torch.save(state, folder / "pytorch_model.bin")
     with pytest.raises(OSError, match="safetensors"):
-        load_vlm(folder)
+        load_model(folder)

@@ -11,7 +11,7 @@ import torch
 from dpalign.data.records import read_preference_jsonl
 from dpalign.data.schema import PreferenceRecord
 from dpalign.models.encode import IGNORE, PromptEncoder, TokenBatch, pad_batch, response_ids
-from dpalign.models.load import LoadedVLM, load_vlm
+from dpalign.models.load import LoadedModel, load_model
 from dpalign.models.logprobs import (
     ImageTokenMismatchError,
     image_token_id,
@@ -25,8 +25,8 @@ from dpalign.world.load import World
 
 
 @pytest.fixture(scope="module")
-def vlm(tiny_model: Path) -> LoadedVLM:
-    return load_vlm(tiny_model)
+def vlm(tiny_model: Path) -> LoadedModel:
+    return load_model(tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +36,11 @@ def records(small_world: Path) -> list[PreferenceRecord]:
 
 
 @pytest.fixture(scope="module")
-def pairs(vlm: LoadedVLM, records: list[PreferenceRecord]) -> list[EncodedPair]:
+def pairs(vlm: LoadedModel, records: list[PreferenceRecord]) -> list[EncodedPair]:
     return encode_pairs(records, vlm.processor)
 
 
-def _pad_id(vlm: LoadedVLM) -> int:
+def _pad_id(vlm: LoadedModel) -> int:
     return int(vlm.processor.tokenizer.pad_token_id)  # type: ignore[attr-defined]
 
 
@@ -107,7 +107,7 @@ def test_position_ids_count_only_attended_tokens() -> None:
     assert position_ids(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
 
 
-def test_sequence_logps_equals_manual_log_softmax(vlm: LoadedVLM,
+def test_sequence_logps_equals_manual_log_softmax(vlm: LoadedModel,
                                                   pairs: list[EncodedPair]) -> None:
     """One unpadded example: sequence_logps == the response tokens' log_softmax summed from
     the model's own logits, and its token count == len(response_ids)."""
@@ -124,7 +124,7 @@ def test_sequence_logps_equals_manual_log_softmax(vlm: LoadedVLM,
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_padded_batch_equals_each_row_alone(vlm: LoadedVLM, records: list[PreferenceRecord],
+def test_padded_batch_equals_each_row_alone(vlm: LoadedModel, records: list[PreferenceRecord],
                                             pairs: list[EncodedPair], side: str) -> None:
     """Rows of different lengths padded left or right give the log-probs of each row run
     alone (batch of one, no padding), and the response-token counts are
@@ -146,7 +146,7 @@ def test_padded_batch_equals_each_row_alone(vlm: LoadedVLM, records: list[Prefer
     assert torch.isfinite(together.total).all()
 
 
-def test_token_counts_are_response_ids(vlm: LoadedVLM) -> None:
+def test_token_counts_are_response_ids(vlm: LoadedModel) -> None:
     """The counted tokens of a response are its ``response_ids`` (text tokens + eos)."""
     processor = vlm.processor
     encoder = PromptEncoder(processor, (64, 64))
@@ -168,7 +168,7 @@ def _count_forwards(model: torch.nn.Module) -> tuple[list[int], torch.utils.hook
 
 
 def test_dropped_image_token_names_the_row_before_the_forward(
-        vlm: LoadedVLM, pairs: list[EncodedPair]) -> None:
+        vlm: LoadedModel, pairs: list[EncodedPair]) -> None:
     """Row 1 missing one <image> placeholder raises ImageTokenMismatchError naming row 1,
     and the model's forward never runs."""
     model = vlm.model
@@ -190,7 +190,7 @@ def test_dropped_image_token_names_the_row_before_the_forward(
     assert f"give {per_image} features" in str(info.value)
 
 
-def test_two_image_prompt_with_one_image_names_the_row(vlm: LoadedVLM,
+def test_two_image_prompt_with_one_image_names_the_row(vlm: LoadedModel,
                                                        pairs: list[EncodedPair]) -> None:
     """A prompt templated for 2 images on a row given 1 image fails at that row (row 2)."""
     model, processor = vlm.model, vlm.processor

@@ -26,7 +26,7 @@ from dpalign.models.efficientnet_lite import (
     pretrained_weights_path,
 )
 from dpalign.models.encode import PromptEncoder, pixel_values
-from dpalign.models.load import LoadedVLM, load_vlm
+from dpalign.models.load import LoadedModel, load_model
 from dpalign.models.logprobs import image_tokens
 from dpalign.models.tiny import BuiltModel
 from dpalign.models.tokenizer import IMAGE
@@ -50,11 +50,11 @@ def built(lm_dir: Path) -> BuiltModel:
 
 
 @pytest.fixture(scope="module")
-def reloaded(built: BuiltModel, tmp_path_factory: pytest.TempPathFactory) -> LoadedVLM:
+def reloaded(built: BuiltModel, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     out = tmp_path_factory.mktemp("smol")
     built.model.save_pretrained(out)
     built.processor.save_pretrained(out)
-    return load_vlm(out)
+    return load_model(out)
 
 
 def noise_images(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:
@@ -138,7 +138,7 @@ def test_language_model_is_smollm2_with_one_new_image_row(built: BuiltModel,
 
 
 def test_saved_folder_reloads_through_auto_classes_to_identical_logits(
-        built: BuiltModel, reloaded: LoadedVLM) -> None:
+        built: BuiltModel, reloaded: LoadedModel) -> None:
     config = json.loads((reloaded.path / "config.json").read_text())
     assert config["vision_config"]["model_type"] == "dpalign_efficientnet_lite"
     assert isinstance(reloaded.model.model.vision_tower, EfficientNetLiteVisionModel)

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBas
 from dpalign.data.records import read_preference_jsonl
 from dpalign.models import smollm2
 from dpalign.models.encode import pad_batch
-from dpalign.models.load import LoadedVLM, load_vlm
+from dpalign.models.load import LoadedModel, load_model
 from dpalign.models.logprobs import sequence_logps
 from dpalign.models.pairs import collate, encode_pairs
 from dpalign.models.smollm2 import (
@@ -76,8 +76,8 @@ def converted_tokenizer(converted: Path) -> PreTrainedTokenizerBase:
 
 
 @pytest.fixture(scope="session")
-def llava(smollm2_dir: Path, converted: Path) -> LoadedVLM:
-    return load_vlm(build_llava_on(converted, smollm2_dir / "llava"))
+def llava(smollm2_dir: Path, converted: Path) -> LoadedModel:
+    return load_model(build_llava_on(converted, smollm2_dir / "llava"))
 
 
 def _prompt_ids(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
@@ -164,7 +164,7 @@ def test_greedy_generation_matches_the_gguf_model(gguf_model: GGUFModel,
 
 
 def test_llava_carries_smollm2_and_one_image_token(
-        llava: LoadedVLM, converted_lm: LlamaForCausalLM,
+        llava: LoadedModel, converted_lm: LlamaForCausalLM,
         converted_tokenizer: PreTrainedTokenizerBase) -> None:
     model, tokenizer = llava.model, llava.processor.tokenizer  # type: ignore[attr-defined]
     assert tokenizer(IMAGE, add_special_tokens=False)["input_ids"] == [VOCAB]
@@ -184,7 +184,7 @@ def test_llava_carries_smollm2_and_one_image_token(
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_llava_pair_batch_logps_equal_rows_alone(llava: LoadedVLM, small_world: Path,
+def test_llava_pair_batch_logps_equal_rows_alone(llava: LoadedModel, small_world: Path,
                                                  side: str) -> None:
     """Two world pairs (4 rows: chosen, chosen, rejected, rejected) padded on either side
     give finite log-probs equal to each row run alone."""

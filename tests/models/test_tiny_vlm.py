@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
 from dpalign.models.encode import IGNORE, PromptEncoder, pad_batch, pixel_values, response_ids
-from dpalign.models.load import ModelFolderError, load_vlm
+from dpalign.models.load import ModelFolderError, load_model
 from dpalign.models.tiny import TinyVLMConfig, build_tiny
 from dpalign.models.tokenizer import train_tokenizer
 from dpalign.world.load import World
@@ -94,6 +94,6 @@ def test_pad_batch_puts_labels_on_response_only() -> None:
     assert right.labels.tolist() == [[IGNORE, 8]]
 
 
-def test_load_vlm_names_a_bad_folder(tmp_path: Path) -> None:
+def test_load_model_names_a_bad_folder(tmp_path: Path) -> None:
     with pytest.raises(ModelFolderError, match=r"no config\.json"):
-        load_vlm(tmp_path)
+        load_model(tmp_path)

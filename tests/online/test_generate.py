@@ -14,7 +14,7 @@ from scipy.stats import binom
 from dpalign.data.records import read_preference_jsonl
 from dpalign.eval.generate import generate
 from dpalign.models.encode import PromptEncoder
-from dpalign.models.load import load_vlm
+from dpalign.models.load import load_model
 from dpalign.models.logprobs import image_token_id
 from dpalign.models.tiny_families import TINY_FAMILIES
 from dpalign.online.generate import Query, SamplingConfig, mask_image_positions, sample
@@ -54,7 +54,7 @@ def test_a_real_prompts_image_positions_are_its_image_tokens(tiny_model: Path,
                                                              pool: list) -> None:
     """On the tiny LLaVA's templated prompt, rate 1 masks exactly the expanded image
     placeholder tokens (one per patch) and nothing else."""
-    vlm = load_vlm(tiny_model)
+    vlm = load_model(tiny_model)
     ids = torch.tensor([PromptEncoder(vlm.processor)(pool[0].prompt, sizes=[(64, 64)])])
     token = image_token_id(vlm.model)
     _, hit = mask_image_positions(ids, torch.ones_like(ids), token, 1.0, torch.Generator())
@@ -68,7 +68,7 @@ def test_positions_and_masking_in_every_family(family_dirs: dict[str, Path], poo
     """Greedy ``sample`` (positions handed to ``generate`` from the unmasked prompt) gives
     ``eval.generate``'s answers; with every image token masked, two different images give
     the same answer to the same prompt, and a prefix is continued, not repeated."""
-    vlm = load_vlm(family_dirs[name])
+    vlm = load_model(family_dirs[name])
     records = pool[:3]
     paths = [Path(r.images[0]) for r in records]
     queries = [Query((p,), r.prompt) for p, r in zip(paths, records, strict=True)]
@@ -88,7 +88,7 @@ def test_seeded_sampling_repeats_and_n_answers_per_query(tiny_model: Path,
     """Temperature sampling with one seed gives the same answers twice, a different seed
     different ones; n answers per query, in query order; batches are seeded apart, so a
     query's answers do not depend on the queries in later batches."""
-    vlm = load_vlm(tiny_model)
+    vlm = load_model(tiny_model)
     queries = [Query((Path(r.images[0]),), r.prompt) for r in pool[:4]]
     cfg = SamplingConfig(temperature=1.0, max_new_tokens=8)
     a = sample(vlm.model, vlm.processor, queries, n=3, sampling=cfg, seed=5, batch_size=2)

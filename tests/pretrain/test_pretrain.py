@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_PRETRAIN_KW
-from dpalign.models.load import load_vlm
+from dpalign.models.load import load_model
 from dpalign.pretrain import PretrainConfig, pretrain
 
 
@@ -23,7 +23,7 @@ def test_a_few_pretrain_steps_lower_the_loss(tiny_model: Path) -> None:
 
 
 def test_pretrained_folder_loads_with_auto_classes(tiny_model: Path) -> None:
-    vlm = load_vlm(tiny_model)
+    vlm = load_model(tiny_model)
     assert type(vlm.model).__name__ == "LlavaForConditionalGeneration"
     assert not vlm.model.training
     meta = json.loads((tiny_model / "pretrain.json").read_text())

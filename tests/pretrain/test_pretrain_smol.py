@@ -17,7 +17,7 @@ from torch.nn.functional import cross_entropy
 from dpalign.models import smol
 from dpalign.models.efficientnet_lite import pretrained_weights_path
 from dpalign.models.encode import IGNORE
-from dpalign.models.load import load_vlm
+from dpalign.models.load import load_model
 from dpalign.models.lora import merged
 from dpalign.models.smol import build_smol, cached_smollm2
 from dpalign.models.tiny import BuiltModel
@@ -171,7 +171,7 @@ def test_pretrain_writes_a_loadable_folder_with_the_imagenet_tower(
     assert meta["steps"] == 3 and set(meta["stages"]) == {"ground", "projector", "lm"}
     assert meta["first_loss"] == rows[2]["loss"] and meta["last_loss"] == rows[4]["loss_ema"]
     assert meta["provenance"]["vision_tower"]["weights"] == pretrained_weights_path().name
-    vlm = load_vlm(result.out)
+    vlm = load_model(result.out)
     state = torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True)
     tower = vlm.model.model.vision_tower.encoder.state_dict()
     assert all(torch.equal(tower[k], v) for k, v in state.items() if not k.startswith("_fc"))

@@ -29,10 +29,10 @@ def test_cell_labels_put_category_and_colour_in_their_cells() -> None:
 def test_word_token_ids_are_the_mid_sentence_tokens(tiny_model) -> None:
     """Each category's id is the token the tokenizer gives " <word>" (the form inside
     captions and questions), and every category maps to a distinct token."""
-    from dpalign.models.load import load_vlm
+    from dpalign.models.load import load_model
     from dpalign.pretrain.vision_warmup import word_token_ids
 
-    tokenizer = load_vlm(tiny_model).processor.tokenizer
+    tokenizer = load_model(tiny_model).processor.tokenizer
     ids = word_token_ids(tokenizer, list(CATEGORY_NAMES))
     sentence = tokenizer("Is there a cat in the image?", add_special_tokens=False)["input_ids"]
     assert int(ids[CATEGORY_NAMES.index("cat")]) in sentence
@@ -60,12 +60,12 @@ def test_align_projector_puts_image_tokens_next_to_their_words(tiny_model, small
 
     from dpalign.io import read_jsonl
     from dpalign.models.encode import pixel_values
-    from dpalign.models.load import load_vlm
+    from dpalign.models.load import load_model
     from dpalign.pretrain.vision_warmup import align_projector, word_token_ids
     from dpalign.world.load import World
 
     torch.manual_seed(0)
-    vlm = load_vlm(tiny_model)
+    vlm = load_model(tiny_model)
     model, tokenizer = vlm.model, vlm.processor.tokenizer
     world = World.load(small_world)
     anns = read_jsonl(world.pretrain_annotations)[:96]

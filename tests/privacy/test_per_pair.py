@@ -14,7 +14,7 @@ from dpalign.data.records import read_preference_jsonl
 from dpalign.losses.base import PairLogps
 from dpalign.losses.config import LossConfig
 from dpalign.losses.objective import Objective, pair_logps
-from dpalign.models.load import LoadedVLM, load_vlm
+from dpalign.models.load import LoadedModel, load_model
 from dpalign.models.lora import LoraConfig, prepare_trainable
 from dpalign.models.pairs import EncodedPair, PairBatch, collate, encode_pairs
 from dpalign.privacy.dp_sgd import group_by_unit
@@ -36,17 +36,17 @@ def records(small_world: Path) -> list:
     return read_preference_jsonl(World.load(small_world).pool_file)
 
 
-def _vlm(tiny_model: Path) -> LoadedVLM:
-    vlm = load_vlm(tiny_model)
+def _vlm(tiny_model: Path) -> LoadedModel:
+    vlm = load_model(tiny_model)
     vlm.model.double()
     return vlm
 
 
-def _pad(vlm: LoadedVLM) -> int:
+def _pad(vlm: LoadedModel) -> int:
     return int(vlm.processor.tokenizer.pad_token_id)  # type: ignore[attr-defined]
 
 
-def _pairs(vlm: LoadedVLM, records: list, n: int = N_PAIRS) -> list[EncodedPair]:
+def _pairs(vlm: LoadedModel, records: list, n: int = N_PAIRS) -> list[EncodedPair]:
     """The first ``n`` pool pairs (with corrupted images), padded to different lengths."""
     pairs = encode_pairs(records[:n], vlm.processor, corrupt_seed=0)
     assert len({len(p.prompt) + len(p.chosen) for p in pairs}) > 1
@@ -62,7 +62,7 @@ def _perturb(params: dict[str, nn.Parameter], seed: int = 0, scale: float = 0.05
             p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
 
 
-def _lora(vlm: LoadedVLM) -> tuple[nn.Module, dict[str, nn.Parameter]]:
+def _lora(vlm: LoadedModel) -> tuple[nn.Module, dict[str, nn.Parameter]]:
     model = prepare_trainable(vlm.model, LoraConfig()).double().train()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert params and all("lora_" in n for n in params)
@@ -71,7 +71,7 @@ def _lora(vlm: LoadedVLM) -> tuple[nn.Module, dict[str, nn.Parameter]]:
 
 
 def _setup(tiny_model: Path, records: list, with_corrupt: bool
-           ) -> tuple[LoadedVLM, list[EncodedPair], PairLogps, PairBatch]:
+           ) -> tuple[LoadedModel, list[EncodedPair], PairLogps, PairBatch]:
     vlm = _vlm(tiny_model)
     pairs = _pairs(vlm, records)
     ref = compute_reference(vlm.model, pairs, _pad(vlm), with_corrupt=with_corrupt)
@@ -137,7 +137,7 @@ def test_sum_over_pairs_is_the_batch_gradient(tiny_model: Path, records: list,
         torch.testing.assert_close(got[name].sum(dim=0), p.grad, atol=ATOL, rtol=0, msg=name)
 
 
-def _full(vlm: LoadedVLM, names: list[str]) -> tuple[nn.Module, dict[str, nn.Parameter]]:
+def _full(vlm: LoadedModel, names: list[str]) -> tuple[nn.Module, dict[str, nn.Parameter]]:
     """Full fine-tuning (LoRA disabled), restricted to ``names`` to keep the test fast."""
     model = prepare_trainable(vlm.model, LoraConfig(enabled=False)).train()
     named = dict(model.named_parameters())

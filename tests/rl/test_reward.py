@@ -26,7 +26,7 @@ from dpalign.losses import LOSSES
 from dpalign.losses.base import PairLogps
 from dpalign.losses.config import LossConfig
 from dpalign.losses.objective import Objective, pair_logps
-from dpalign.models.load import load_vlm
+from dpalign.models.load import load_model
 from dpalign.models.logprobs import forward_inputs
 from dpalign.models.lora import LoraConfig
 from dpalign.models.pairs import EncodedPair, collate, encode_pairs
@@ -143,7 +143,7 @@ def test_scores_read_the_last_attended_token(family_dirs: dict[str, Path],
     """``scores`` = the head applied by hand to the last layer's hidden state at each row's
     last attended token, with right and with left padding; the same rows in the two
     layouts agree (all within SCORE_RTOL of the largest |score|)."""
-    vlm = load_vlm(family_dirs[family])
+    vlm = load_model(family_dirs[family])
     model = RewardModel(vlm.model)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -172,7 +172,7 @@ def test_scores_read_the_last_attended_token(family_dirs: dict[str, Path],
 
 def _trainable_reward(tiny_model: Path) -> tuple[nn.Module, object, dict[str, nn.Parameter]]:
     """A LoRA reward model in float64, LoRA A/B and the head perturbed off their start."""
-    vlm = load_vlm(tiny_model)
+    vlm = load_model(tiny_model)
     model = reward_trainable(RewardModel(vlm.model), LoraConfig()).double().train()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert "head.weight" in params and "head.bias" not in params  # the bias cancels: frozen
@@ -221,7 +221,7 @@ def test_per_pair_grads_equal_one_at_a_time(tiny_model: Path, records: list[Pref
 def test_zero_head_ties_every_pair(tiny_model: Path, records: list[PreferenceRecord]) -> None:
     """The untrained reward model scores every answer 0: every pair a tie, accuracy 0,
     margin 0, loss log 2 per pair."""
-    vlm = load_vlm(tiny_model)
+    vlm = load_model(tiny_model)
     model = RewardModel(vlm.model)
     loaded = LoadedReward(model, vlm.processor, RewardConfig(), {}, tiny_model)
     result = evaluate_reward(loaded, records[:6], batch_size=4)
@@ -240,7 +240,7 @@ def test_save_and_load_round_trip(tiny_model: Path, records: list[PreferenceReco
     scores the pairs as before (within SCORE_RTOL: merging rounds); its facts setting
     comes back from reward.json; the folder's backbone loads with transformers alone,
     with no adapter weights in it."""
-    vlm = load_vlm(tiny_model)
+    vlm = load_model(tiny_model)
     model = reward_trainable(RewardModel(vlm.model), LoraConfig())
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():

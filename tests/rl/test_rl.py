@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import CrashError, MakeConfig, crash_at, without_time
 from dpalign.data.records import read_preference_jsonl
 from dpalign.io import read_jsonl
-from dpalign.models.load import load_vlm
+from dpalign.models.load import load_model
 from dpalign.privacy.accounting import Ledger
 from dpalign.privacy.per_pair import make_engine
 from dpalign.rl.advantages import grpo_advantages, kl_shaped, rl_loss, rloo_advantages
@@ -100,7 +100,7 @@ def reward_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
                small_world: Path) -> Path:
     """A reward model on the tiny model with a seeded random head (shown the objects), its
     'training' ledger RM_LEDGER on the small world's held-out records."""
-    loaded = load_vlm(tiny_model)
+    loaded = load_model(tiny_model)
     model = RewardModel(loaded.model)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():

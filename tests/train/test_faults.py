@@ -320,7 +320,7 @@ def test_batch_larger_than_the_pairs_is_refused_before_the_model_loads(
     def no_model(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr(loop, "load_vlm", no_model)
+    monkeypatch.setattr(loop, "load_model", no_model)
     cfg = make_config(data={"k": 4}, train={"batch_size": 8}, privacy=privacy)
     with pytest.raises(ValueError) as info:
         train(cfg, tmp_path / "run")

@@ -24,7 +24,7 @@ from dpalign.io import read_jsonl
 from dpalign.losses.base import PairLogps
 from dpalign.losses.config import LossConfig
 from dpalign.losses.objective import Objective, kl_proxy, pair_logps
-from dpalign.models.load import LoadedVLM, load_vlm
+from dpalign.models.load import LoadedModel, load_model
 from dpalign.models.lora import LoraConfig, prepare_trainable
 from dpalign.models.pairs import EncodedPair, collate, encode_pairs
 from dpalign.train.config import TrainConfig
@@ -37,20 +37,20 @@ LOG2 = math.log(2.0)
 MakeConfig = Callable[..., TrainConfig]  # the make_config fixture (tests/conftest.py)
 
 
-def _lora_model(tiny_model: Path) -> tuple[torch.nn.Module, LoadedVLM]:
+def _lora_model(tiny_model: Path) -> tuple[torch.nn.Module, LoadedModel]:
     """A fresh tiny model with LoRA adapters (B = 0: equal to the base), in train mode."""
-    vlm = load_vlm(tiny_model)
+    vlm = load_model(tiny_model)
     model = prepare_trainable(vlm.model, LoraConfig())
     model.train()
     return model, vlm
 
 
-def _pool_pairs(vlm: LoadedVLM, world: Path, k: int) -> list[EncodedPair]:
+def _pool_pairs(vlm: LoadedModel, world: Path, k: int) -> list[EncodedPair]:
     records = few_shot(read_preference_jsonl(World.load(world).pool_file), k, seed=0)
     return encode_pairs(records, vlm.processor)
 
 
-def _pad(vlm: LoadedVLM) -> int:
+def _pad(vlm: LoadedModel) -> int:
     return int(vlm.processor.tokenizer.pad_token_id)  # type: ignore[attr-defined]
 
 

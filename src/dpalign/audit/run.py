@@ -39,7 +39,7 @@ from dpalign.audit.config import AuditConfig
 from dpalign.audit.faults import FAULTS
 from dpalign.data.records import read_preference_jsonl, write_preference_jsonl
 from dpalign.io import atomic_write_bytes, atomic_write_json
-from dpalign.models.load import load_vlm, resolve_device, resolve_dtype
+from dpalign.models.load import load_model, resolve_device, resolve_dtype
 from dpalign.models.pairs import encode_pairs
 from dpalign.privacy.plan import rank_and_world
 from dpalign.rundir import RunDir, RunDirError
@@ -135,7 +135,7 @@ def input_scores(cfg: TrainConfig, run_dir: RunDir, canaries: InputCanaries) -> 
     dtype = resolve_dtype(cfg.train.dtype, device)
     logps = []
     for folder in (run_dir.final, cfg.model):
-        loaded = load_vlm(folder, device=str(device), dtype=dtype,
+        loaded = load_model(folder, device=str(device), dtype=dtype,
                           trust_remote_code=cfg.trust_remote_code)
         pairs = encode_pairs(canaries.records, loaded.processor)
         pad = loaded.processor.tokenizer.pad_token_id  # type: ignore[attr-defined]

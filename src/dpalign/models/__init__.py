@@ -1,7 +1,7 @@
 """Models: the tiny and smol VLMs, loading, LoRA, pair encoding and collation, sequence log-probs.
 
 Importing the package registers dpalign's own vision towers with the transformers Auto
-classes (``efficientnet_lite``), so ``load_vlm`` and ``from_pretrained`` can read the folders
+classes (``efficientnet_lite``), so ``load_model`` and ``from_pretrained`` can read the folders
 that use them.
 """
 

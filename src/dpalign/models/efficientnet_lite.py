@@ -13,7 +13,7 @@ strategy ``"full"`` reads all 49. The network has BatchNorm: a frozen tower (the
 stays in eval mode, with no gradients, whatever ``train()`` its parent model calls.
 
 Importing this module registers the config and model with ``AutoConfig`` / ``AutoModel``
-(``dpalign.models`` imports it, so ``load_vlm`` and any ``from_pretrained`` after an import
+(``dpalign.models`` imports it, so ``load_model`` and any ``from_pretrained`` after an import
 of ``dpalign.models`` find them).
 """
 

@@ -39,7 +39,8 @@ class PromptEncoder:
 
     The expansion depends only on image sizes (fixed for LLaVA-1.5, per size for LLaVA-NeXT
     tiles and Qwen2-VL patches), so it is computed once on blank images of those sizes.
-    ``image_size`` is the size assumed when a call gives none.
+    ``image_size`` is the size assumed when a call gives none; ``sizes=[]`` is a prompt
+    without images (a text-only pair).
     """
 
     def __init__(self, processor: ProcessorMixin,
@@ -58,7 +59,8 @@ class PromptEncoder:
         if key not in self._cache:
             text = chat_prompt(self.processor, prompt, len(sizes))
             blanks = [Image.new("RGB", tuple(s)) for s in sizes]
-            enc = self.processor(images=[blanks], text=[text])  # type: ignore[operator]
+            images = {"images": [blanks]} if blanks else {}  # a text-only prompt has none
+            enc = self.processor(text=[text], **images)  # type: ignore[operator]
             self._cache[key] = list(enc["input_ids"][0])
         return self._cache[key]
 

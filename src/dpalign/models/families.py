@@ -12,6 +12,11 @@ Most of a family's quirks live in its own processor (image-token expansion, chat
 - where the language model sits (the default LoRA scope);
 - loading the processor: Qwen2-VL's processor also wants a video processor, which needs
   torchvision; without it dpalign loads the image half alone (``ImageQwen2VLProcessor``).
+
+A text-only causal LM (any ``AutoModelForCausalLM``: a config without a vision config) is
+one more family, ``TEXT``: its "processor" is its tokenizer behind ``TextProcessor``, which
+takes the chat messages and calls dpalign makes of a VLM processor, so the same pair
+encoding, log-probs, DP engine and trainer serve it; LoRA targets the whole model.
 """
 
 from __future__ import annotations
@@ -23,7 +28,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import Tensor
-from transformers import AutoProcessor, ProcessorMixin, Qwen2VLProcessor
+from transformers import (
+    AutoProcessor,
+    AutoTokenizer,
+    BatchEncoding,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+    Qwen2VLProcessor,
+)
 
 # --- image inputs --------------------------------------------------------------------------
 
@@ -43,7 +56,12 @@ class ImageInputs:
     units: dict[str, Tensor]
 
     def __len__(self) -> int:
-        return len(next(iter(self.units.values())))
+        return len(next(iter(self.units.values()))) if self.units else 0
+
+    @staticmethod
+    def empty() -> ImageInputs:
+        """No images (a text-only row, or a batch of them)."""
+        return ImageInputs({}, {})
 
     @property
     def pixel_values(self) -> Tensor:
@@ -73,7 +91,11 @@ class ImageInputs:
     def cat(parts: Sequence[ImageInputs]) -> ImageInputs:
         """All images of ``parts`` in order. Trailing dimensions that differ (tiles or frames
         per image) are zero-padded to the largest, as the processors pad a batch; the
-        models drop all-zero tiles/frames (and LLaVA-NeXT reads ``image_sizes``)."""
+        models drop all-zero tiles/frames (and LLaVA-NeXT reads ``image_sizes``). Parts
+        without images (text-only rows) add nothing."""
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return ImageInputs.empty()
         names = parts[0].tensors.keys()
         return ImageInputs({n: _pad_cat([p.tensors[n] for p in parts]) for n in names},
                            {n: torch.cat([p.units[n] for p in parts]) for n in names})
@@ -93,7 +115,7 @@ def _pad_cat(tensors: Sequence[Tensor]) -> Tensor:
 
 def process_images(processor: ProcessorMixin, images: Sequence[Image.Image]) -> ImageInputs:
     """Each image through the processor's image processor on its own, so every tensor's
-    leading entries can be attributed to their image."""
+    leading entries can be attributed to their image (no images: ``ImageInputs.empty()``)."""
     parts = []
     for image in images:
         out = processor.image_processor(images=[image], return_tensors="pt")  # type: ignore[attr-defined]
@@ -116,6 +138,68 @@ class ImageQwen2VLProcessor(Qwen2VLProcessor):
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)  # type: ignore[attr-defined]
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)  # type: ignore[attr-defined]
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+class TextProcessor:
+    """A text-only model's tokenizer in the shape dpalign uses a VLM processor in.
+
+    ``apply_chat_template`` takes the same messages (list content with image and text parts;
+    image parts must be absent) and renders them with the tokenizer's chat template, the
+    content flattened to its text, as text LLM templates expect; a tokenizer without a chat
+    template gets the prompt text as is (TRL's "standard" prompt + completion layout).
+    ``__call__(text=...)`` tokenises as a processor does (special tokens added as the
+    tokenizer adds them); ``save_pretrained`` saves the tokenizer. A tokenizer without a pad
+    token pads with its eos token.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path: Path | str, trust_remote_code: bool = False) -> TextProcessor:
+        return cls(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
+
+    def apply_chat_template(self, messages: list[dict[str, object]], *,
+                            add_generation_prompt: bool = False, tokenize: bool = False,
+                            **kwargs: object) -> str:
+        flat = [{**m, "content": _text_of(m["content"])} for m in messages]
+        if self.tokenizer.chat_template is None:
+            return "\n".join(str(m["content"]) for m in flat)
+        return self.tokenizer.apply_chat_template(  # type: ignore[return-value]
+            flat, add_generation_prompt=add_generation_prompt, tokenize=tokenize, **kwargs)
+
+    def __call__(self, text: Sequence[str] | str, images: object = None,
+                 **kwargs: object) -> BatchEncoding:
+        if images:
+            raise ValueError("a text-only model was given images; its records must have "
+                             "no 'images'")
+        return self.tokenizer(text, **kwargs)
+
+    def save_pretrained(self, path: Path | str) -> None:
+        self.tokenizer.save_pretrained(path)
+
+
+def _text_of(content: object) -> str:
+    """Message content as plain text: a string as is, list content's text parts joined;
+    an image part is an error (a text model cannot take it)."""
+    if isinstance(content, str):
+        return content
+    parts = list(content)  # type: ignore[call-overload]
+    if any(part.get("type") == "image" for part in parts):
+        raise ValueError("a text-only model was given an image; its records must have no "
+                         "'images'")
+    return "".join(str(part.get("text", "")) for part in parts)
+
+
+def text_processor(path: Path, trust_remote_code: bool) -> TextProcessor:
+    return TextProcessor.from_pretrained(path, trust_remote_code)
+
+
+def is_text_only(config: PretrainedConfig) -> bool:
+    """True for a causal LM's config (no vision config: not a VLM)."""
+    return getattr(config, "vision_config", None) is None
 
 
 class ProcessorLoadError(ValueError):
@@ -172,11 +256,17 @@ LLAVA = Family("llava", model_types=("llava", "llava_next", "llava_onevision"))
 QWEN2_VL = Family("qwen2_vl", position_ids=False, row_inputs=mm_token_types,
                   load_processor=qwen2_vl_processor, model_types=("qwen2_vl", "qwen2_5_vl"))
 IDEFICS3 = Family("idefics3", lm_scope="text_model", model_types=("idefics3", "smolvlm"))
+TEXT = Family("text", lm_scope="", load_processor=text_processor)
 FAMILIES: dict[str, Family] = {t: f for f in (LLAVA, QWEN2_VL, IDEFICS3) for t in f.model_types}
 
 
 def family_of(model_or_type: torch.nn.Module | str) -> Family:
-    """The family of a model (or of a ``config.model_type``); LLaVA-like when unknown."""
-    kind = (model_or_type if isinstance(model_or_type, str)
-            else getattr(getattr(model_or_type, "config", None), "model_type", ""))
+    """The family of a model (or of a ``config.model_type``): a registered VLM family,
+    ``TEXT`` for a model whose config has no vision config, else LLaVA-like."""
+    if isinstance(model_or_type, str):
+        return FAMILIES.get(model_or_type, LLAVA)
+    config = getattr(model_or_type, "config", None)
+    kind = getattr(config, "model_type", "")
+    if kind not in FAMILIES and config is not None and is_text_only(config):
+        return TEXT
     return FAMILIES.get(kind, LLAVA)

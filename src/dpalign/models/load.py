@@ -1,4 +1,7 @@
-"""Load a VLM and its processor from a local folder through the transformers Auto classes.
+"""Load a model and its processor from a local folder through the transformers Auto classes:
+a VLM (``AutoModelForImageTextToText``) with its processor, or a text-only causal LM
+(``AutoModelForCausalLM``, any config without a vision config) with its tokenizer behind
+``families.TextProcessor``.
 
 Weights load from safetensors only; remote code is never trusted unless the caller says so.
 """
@@ -9,9 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, PreTrainedModel, ProcessorMixin
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    PreTrainedModel,
+    ProcessorMixin,
+)
 
-from dpalign.models.families import family_of
+from dpalign.models.families import TextProcessor, family_of, is_text_only
 
 
 class ModelFolderError(FileNotFoundError):
@@ -44,22 +53,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 @dataclass
-class LoadedVLM:
+class LoadedModel:
     model: PreTrainedModel
-    processor: ProcessorMixin
+    processor: ProcessorMixin | TextProcessor
     path: Path
 
 
-def load_vlm(path: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu",
-             trust_remote_code: bool = False) -> LoadedVLM:
+def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu",
+             trust_remote_code: bool = False) -> LoadedModel:
     """Model (eval mode, on ``device``: a torch name or ``auto``) and processor saved with
-    ``save_pretrained`` in ``path``; the processor is loaded the way the model's family
-    needs (``families``)."""
+    ``save_pretrained`` in ``path``: a VLM, or a causal LM when the config has no vision
+    config; the processor is loaded the way the model's family needs (``families``)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelFolderError(f"{path}: no config.json here; pass a folder written by "
                                "`save_pretrained` (e.g. one made by `dpalign pretrain`)")
-    model = AutoModelForImageTextToText.from_pretrained(
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    auto = AutoModelForCausalLM if is_text_only(config) else AutoModelForImageTextToText
+    model = auto.from_pretrained(
         path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     processor = family_of(model).load_processor(path, trust_remote_code)
-    return LoadedVLM(model.to(resolve_device(device)).eval(), processor, path)
+    return LoadedModel(model.to(resolve_device(device)).eval(), processor, path)

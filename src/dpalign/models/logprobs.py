@@ -37,12 +37,20 @@ class SequenceLogps:
 
 def image_token_id(model: torch.nn.Module) -> int:
     """The placeholder token id of a LLaVA-style model config."""
+    token = placeholder_id(model)
+    if token is None:
+        raise ValueError(f"{type(model).__name__}: config has no image_token_id")
+    return token
+
+
+def placeholder_id(model: torch.nn.Module) -> int | None:
+    """The image placeholder token id of the model's config; None for a text-only model."""
     config = model.config
     for name in ("image_token_id", "image_token_index"):
         value = getattr(config, name, None)
         if value is not None:
             return int(value)
-    raise ValueError(f"{type(model).__name__}: config has no image_token_id")
+    return None
 
 
 def image_tokens(model: torch.nn.Module, pixel_values: Tensor) -> Tensor:
@@ -133,12 +141,18 @@ def sequence_logps(model: torch.nn.Module, batch: TokenBatch, images: ImageInput
                    images_per_row: Tensor | None = None) -> SequenceLogps:
     """Response log-probs of each row, on the model's device. images: the rows' images in
     row order (``ImageInputs``, or a LLaVA (I, C, H, W) pixel tensor); images_per_row: (N,)
-    (default one each)."""
+    (default one each). Text-only rows have no images (``ImageInputs.empty()``, counts 0);
+    a text-only model (no image placeholder in its config) takes only such rows."""
     images = as_images(images)
     n = batch.input_ids.shape[0]
     counts = images_per_row if images_per_row is not None else torch.ones(n, dtype=torch.long)
-    check_image_tokens(batch.input_ids, counts, image_token_id(model),
-                       features_per_image(model, images))
+    token = placeholder_id(model)
+    if token is not None:
+        per_image = features_per_image(model, images) if len(images) else 0
+        check_image_tokens(batch.input_ids, counts, token, per_image)
+    elif len(images):
+        raise ValueError(f"{type(model).__name__} is a text-only model but the rows have "
+                         f"{len(images)} image(s)")
     keep = logits_needed(batch.labels)
     out = model(**forward_inputs(model, batch, images), logits_to_keep=keep)
     return token_logps(out.logits, batch.labels[:, -keep:].to(out.logits.device))

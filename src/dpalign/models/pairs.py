@@ -28,8 +28,8 @@ class EncodedPair:
     """One record as tokens and pixels.
 
     prompt, chosen, rejected: token ids (responses end with eos).
-    images: the record's processed images (``ImageInputs``, any VLM family); corrupt: the
-    same for m', or None.
+    images: the record's processed images (``ImageInputs``, any VLM family; empty for a
+    text-only pair); corrupt: the same for m', or None.
     hardness: the record's hardness score in [0, 1], or None when it has none.
     """
 

@@ -6,7 +6,7 @@ but will not save it back (the config keeps a GGUF ``quantization_config``), so
 ``convert_smollm2`` copies the weights into a fresh ``LlamaForCausalLM`` and writes a plain
 safetensors folder. ``build_llava_on`` then puts that language model under a small, randomly
 initialised CLIP vision tower and LLaVA projector, laid out like the ``tiny`` preset, so the
-result loads with ``dpalign.models.load.load_vlm`` and trains with ``dpalign train``.
+result loads with ``dpalign.models.load.load_model`` and trains with ``dpalign train``.
 """
 
 from __future__ import annotations

@@ -17,13 +17,16 @@ from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
+    LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedModel,
+    PreTrainedTokenizerFast,
     ProcessorMixin,
 )
 
+from dpalign.models.families import TextProcessor
 from dpalign.models.tokenizer import CHAT_TEMPLATE, IMAGE, train_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -58,6 +61,35 @@ class BuiltModel:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
+def _llama_config(cfg: TinyVLMConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden,
+        intermediate_size=cfg.text_intermediate, num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_heads,
+        max_position_embeddings=cfg.max_positions, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+
+
+def build_tiny_text(texts: Iterable[str], cfg: TinyVLMConfig | None = None,
+                    seed: int = 0) -> BuiltModel:
+    """The tiny preset's language model alone: a ``LlamaForCausalLM`` (sizes from ``cfg``'s
+    text fields) initialised from ``seed``, with a tokenizer trained on ``texts`` and the
+    chat template on it; its processor is a ``TextProcessor``. A text-only model for the
+    text-LLM path (loads back with ``AutoModelForCausalLM``)."""
+    import torch
+
+    cfg = cfg or TinyVLMConfig()
+    tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_llama_config(cfg, tokenizer))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return BuiltModel(model=model, processor=TextProcessor(tokenizer))  # type: ignore[arg-type]
+
+
 def build_tiny(texts: Iterable[str], cfg: TinyVLMConfig, seed: int = 0) -> BuiltModel:
     """Tokenizer trained on ``texts``; CLIP-vision + Llama LLaVA initialised from ``seed``."""
     import torch
@@ -69,14 +101,7 @@ def build_tiny(texts: Iterable[str], cfg: TinyVLMConfig, seed: int = 0) -> Built
         num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
         image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden,
-        intermediate_size=cfg.text_intermediate, num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_heads,
-        max_position_embeddings=cfg.max_positions, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
+    text = _llama_config(cfg, tokenizer)
     config = LlavaConfig(
         vision_config=vision, text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE), image_seq_length=n_patches,

@@ -39,7 +39,7 @@ from dpalign.io import atomic_write_json
 from dpalign.losses.base import PairLogps
 from dpalign.models.encode import TokenBatch
 from dpalign.models.families import ImageInputs
-from dpalign.models.load import load_vlm
+from dpalign.models.load import load_model
 from dpalign.models.logprobs import (
     as_images,
     check_image_tokens,
@@ -197,7 +197,7 @@ def load_reward_model(path: str | Path, *, device: str = "cpu",
                       dtype: torch.dtype | None = None) -> LoadedReward:
     """Read a reward model saved by a reward run (``path``: the run or its ``final/``)."""
     folder = reward_folder(path)
-    loaded = load_vlm(folder, device=device, dtype=dtype)
+    loaded = load_model(folder, device=device, dtype=dtype)
     weights = load_file(str(folder / HEAD_FILE))
     head = nn.Linear(weights["weight"].shape[1], 1)
     with torch.no_grad():

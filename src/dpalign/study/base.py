@@ -29,10 +29,10 @@ def evaluate_base(config: TrainConfig, path: Path, weights_sha256: str | None
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
             return saved
-    from dpalign.models.load import load_vlm
+    from dpalign.models.load import load_model
     from dpalign.train.loop import world_figures
 
-    loaded = load_vlm(config.model)
+    loaded = load_model(config.model)
     figures = world_figures(loaded.model, loaded.processor, config)
     result = {"key": key, "model": str(config.model), **figures}
     atomic_write_json(path, result)

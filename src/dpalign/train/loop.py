@@ -47,7 +47,7 @@ from dpalign.io import (
 )
 from dpalign.losses.base import PairLogps
 from dpalign.losses.objective import Objective
-from dpalign.models.load import load_vlm, resolve_device, resolve_dtype
+from dpalign.models.load import load_model, resolve_device, resolve_dtype
 from dpalign.models.lora import merged
 from dpalign.models.pairs import EncodedPair, encode_pairs
 from dpalign.online.source import PairSource
@@ -342,7 +342,7 @@ def prepare(cfg: TrainConfig, out: Path, data: RunData | None = None,
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
-    loaded = load_vlm(cfg.model, device=str(device), dtype=resolve_dtype(cfg.train.dtype, device),
+    loaded = load_model(cfg.model, device=str(device), dtype=resolve_dtype(cfg.train.dtype, device),
                       trust_remote_code=cfg.trust_remote_code)
     model, processor = task_model(cfg, loaded.model), loaded.processor
     pad_id = processor.tokenizer.pad_token_id  # type: ignore[attr-defined]
