@@ -61,6 +61,35 @@ def family_dirs(tmp_path_factory: pytest.TempPathFactory, small_world: Path) -> 
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_text_model(tmp_path_factory: pytest.TempPathFactory, small_world: Path) -> Path:
+    """The tiny preset's language model alone (``build_tiny_text``: a ``LlamaForCausalLM``
+    and its tokenizer, untrained), saved with ``save_pretrained``: a text-only model folder."""
+    from dpalign.models.tiny import build_tiny_text
+
+    world = World.load(small_world)
+    built = build_tiny_text(t for r in world.pretrain_rows() for t in (r["prompt"], r["response"]))
+    folder = tmp_path_factory.mktemp("text") / "tiny-text"
+    built.model.save_pretrained(folder)
+    built.processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def text_pool(tmp_path_factory: pytest.TempPathFactory, small_world: Path) -> Path:
+    """The small world's pool and held-out pairs without their images (text-only records):
+    ``pool.jsonl`` and ``heldout.jsonl`` in one folder; returns the pool file."""
+    from dpalign.data.records import read_preference_jsonl, write_preference_jsonl
+
+    world = World.load(small_world)
+    folder = tmp_path_factory.mktemp("text-prefs")
+    for source, name in ((world.pool_file, "pool"), (world.heldout_file, "heldout")):
+        write_preference_jsonl(folder / f"{name}.jsonl",
+                               [r.model_copy(update={"images": ()})
+                                for r in read_preference_jsonl(source)])
+    return folder / "pool.jsonl"
+
+
 MakeConfig = Callable[..., TrainConfig]
 
 

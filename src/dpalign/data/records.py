@@ -119,7 +119,11 @@ def read_preference_jsonl(path: str | Path, *, check_images: bool = True) -> lis
 
 def validate_preference_file(path: str | Path, *, check_images: bool = True) -> ValidationSummary:
     """Check a preference file and summarize it; raises ``DataValidationError`` on problems."""
-    records = read_preference_jsonl(path, check_images=check_images)
+    return summarize_records(path, read_preference_jsonl(path, check_images=check_images))
+
+
+def summarize_records(path: str | Path, records: list[PreferenceRecord]) -> ValidationSummary:
+    """The ``ValidationSummary`` of valid ``records`` read from ``path``."""
     kinds = Counter(r.metadata.error_kind for r in records if r.metadata.error_kind is not None)
     return ValidationSummary(
         path=Path(path),

@@ -47,6 +47,7 @@ from dpalign.losses.mixtures import DiscopopParams, ExoParams, discopop, exo_pai
 from dpalign.losses.mmdpo import MmdpoParams, mmdpo
 from dpalign.losses.pair_classifiers import NoParams, bco_pair, nca_pair, sppo_hard
 from dpalign.losses.params import LossParams
+from dpalign.losses.reference_free import OrpoParams, SimpoParams, log1mexp, orpo, simpo
 from dpalign.losses.robust import RobustParams, robust
 from dpalign.losses.sft import sft_nll, with_sft
 
@@ -74,6 +75,11 @@ class LossSpec:
                        depend on the other pairs of its batch (DAMA: alpha_model held at 1).
     scores:            ``policy`` holds a reward model's scores, not log-probs (Bradley-Terry):
                        no KL to a reference is logged.
+    reference_free:    ``fn`` ignores ``ref`` (SimPO, ORPO): a policy run takes no reference
+                       pass over its training pairs and passes zeros; no KL to a reference is
+                       logged (held-out metrics still compare with the starting policy).
+    averages_tokens:   ``fn`` takes per-token means of the log-probs itself (SimPO, ORPO), so
+                       ``loss.length_normalize`` (which would divide twice) is rejected.
     """
 
     fn: LossFn
@@ -85,6 +91,15 @@ class LossSpec:
     batch_context: BatchContext | None = None
     private_context: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     scores: bool = False
+    reference_free: bool = False
+    averages_tokens: bool = False
+
+    @property
+    def logs_kl(self) -> bool:
+        """Whether a run logs ``kl_proxy``, the policy's KL to its reference: not for a
+        reward model's ``scores``, nor for a ``reference_free`` loss, whose reference is zeros
+        (a 'KL' to zeros would be the squared per-token NLL, not a distance to anything)."""
+        return not (self.scores or self.reference_free)
 
     def make_params(self, raw: Mapping[str, Any] | LossParams | None = None) -> LossParams:
         """Validate raw keyword parameters (unknown keys and out-of-range values raise)."""
@@ -129,6 +144,8 @@ LOSSES: dict[str, LossSpec] = {
     "sppo_hard": LossSpec(sppo_hard, NoParams),
     "exo_pair": LossSpec(exo_pair, ExoParams),
     "discopop": LossSpec(discopop, DiscopopParams),
+    "simpo": LossSpec(simpo, SimpoParams, reference_free=True, averages_tokens=True),
+    "orpo": LossSpec(orpo, OrpoParams, reference_free=True, averages_tokens=True),
     "bradley_terry": LossSpec(bradley_terry, BradleyTerryParams, scores=True),
 }
 REWARD_LOSSES = frozenset({"bradley_terry"})
@@ -179,14 +196,17 @@ __all__ = [
     "hinge",
     "implicit_rewards",
     "ipo",
+    "log1mexp",
     "log_ratio_margin",
     "mdpo",
     "mmdpo",
     "nca_pair",
+    "orpo",
     "reward_metrics",
     "reward_ties",
     "robust",
     "sft_nll",
+    "simpo",
     "sppo_hard",
     "token_means",
     "update_running_mean",

@@ -27,5 +27,9 @@ class LossConfig(Section):
 
     @model_validator(mode="after")
     def _params(self) -> LossConfig:
-        get_loss(self.name).make_params(self.params)
+        spec = get_loss(self.name)
+        spec.make_params(self.params)
+        if self.length_normalize and spec.averages_tokens:
+            raise ValueError(f"loss {self.name!r} takes per-token mean log-probs itself; "
+                             "length_normalize would divide by the token counts twice")
         return self

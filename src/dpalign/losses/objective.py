@@ -89,25 +89,26 @@ def kl_proxy(policy: PairLogps, ref: PairLogps) -> Tensor:
 
 
 def with_policy_metrics(out: LossOut, policy: PairLogps, ref: PairLogps, *,
-                        scores: bool = False) -> LossOut:
+                        kl: bool = True) -> LossOut:
     """``out`` plus per-pair (B,) ``logp_chosen``, ``logp_rejected`` and ``kl_proxy``
     (detached), so a per-pair engine logs what ``step_metrics`` logs for a plain step.
-    ``scores``: ``policy`` holds a reward model's scores (``LossSpec.scores``), which have no
-    reference to be close to: no ``kl_proxy``."""
+    ``kl``: ``LossSpec.logs_kl``; False for a reward model's scores or a reference-free loss,
+    which have no reference to be close to: no ``kl_proxy``."""
     extra = {"logp_chosen": policy.chosen, "logp_rejected": policy.rejected}
-    if not scores:
+    if kl:
         extra["kl_proxy"] = kl_proxy(policy, ref)
     return LossOut(out.per_example, {**out.metrics, **{k: v.detach() for k, v in extra.items()}})
 
 
 def step_metrics(out: LossOut, policy: PairLogps, ref: PairLogps, *,
-                 scores: bool = False) -> dict[str, float]:
-    """Batch means of the loss, the loss's diagnostics and the log-prob summaries (no
-    ``kl_proxy`` for a reward model's ``scores``)."""
+                 kl: bool = True) -> dict[str, float]:
+    """Batch means of the loss, the loss's diagnostics and the log-prob summaries, and
+    ``kl_proxy`` where ``kl`` (``LossSpec.logs_kl``: not for a reward model's scores nor a
+    reference-free loss)."""
     with torch.no_grad():
         values = {"loss": out.per_example.mean()}
         values |= {name: v.float().mean() for name, v in out.metrics.items()}
         values |= {"logp_chosen": policy.chosen.mean(), "logp_rejected": policy.rejected.mean()}
-        if not scores:
+        if kl:
             values["kl_proxy"] = kl_proxy(policy, ref).mean()
         return {k: float(v) for k, v in values.items()}

@@ -145,7 +145,7 @@ def pair_loss(model: nn.Module, objective: Objective) -> UnitLoss:
         policy = pair_logps(model, units.batch)
         return with_policy_metrics(objective(policy, units.ref, hardness=units.hardness,
                                              alpha_model=units.alpha_model), policy, units.ref,
-                                   scores=objective.spec.scores)
+                                   kl=objective.spec.logs_kl)
     return loss
 
 

@@ -81,7 +81,7 @@ class PlainStep:
                                                    cfg.optim.max_grad_norm or math.inf)
         row = {"epoch": epoch,
                **step_metrics(LossOut.cat(results), PairLogps.cat(policies), batch_ref,
-                              scores=objective.spec.scores),
+                              kl=objective.spec.logs_kl),
                **got.metrics, "grad_norm": float(grad_norm)}
         return row, LoopState(loss_state, state.ledger)
 

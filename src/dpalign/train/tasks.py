@@ -6,6 +6,8 @@ takes no reference pass (its 'reference' is zero: the Bradley-Terry loss has non
 saves ``reward.json`` (facts, privacy ledger, training records) beside the model. Everything
 else -- the DP engine with the pair as unit, accounting, checkpoints, resume, held-out
 accuracy -- is the policy run's. These functions are the only places the two differ.
+A policy trained with a reference-free loss (SimPO, ORPO) takes no reference pass over its
+training pairs either (``task_reference``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 from dpalign.data.schema import PreferenceRecord
+from dpalign.losses import get_loss
 from dpalign.losses.base import PairLogps
 from dpalign.models.lora import prepare_trainable
 from dpalign.models.pairs import EncodedPair
@@ -32,6 +35,7 @@ from dpalign.train.config import TrainConfig
 from dpalign.train.state import LoopState
 
 Reference = Callable[..., PairLogps]
+TRAIN_SPLIT = "train"  # RunDir.reference(TRAIN_SPLIT): the training pairs' reference cache
 
 
 def task_model(cfg: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
@@ -53,15 +57,29 @@ def task_records(cfg: TrainConfig, records: list[PreferenceRecord],
 
 def task_reference(cfg: TrainConfig, cached: Reference) -> Reference:
     """How reference log-probs are obtained: ``cached`` (computed once, cached in the run
-    directory), or zeros for a reward model (no forward pass)."""
-    if not cfg.reward.enabled:
-        return cached
+    directory), or zeros (no forward pass, nothing cached) for a reward model, and for the
+    training pairs of a reference-free loss (``LossSpec.reference_free``: SimPO, ORPO).
 
+    A reference-free run still takes ``cached`` for its held-out/validation parts: their
+    metrics compare the policy with the policy it started as, for every loss alike (with
+    zeros, step 0 -- where the evaluator reuses the reference as the policy -- would read
+    as all ties, and later steps as summed log-prob gaps)."""
     def zeros(path: Path, model: torch.nn.Module, pairs: Sequence[EncodedPair], pad_id: int,
               **_: Any) -> PairLogps:
         return zero_reference(len(pairs))
 
-    return zeros
+    if cfg.reward.enabled:
+        return zeros
+    if not get_loss(cfg.loss.name).reference_free:
+        return cached
+
+    def train_zeros(path: Path, model: torch.nn.Module, pairs: Sequence[EncodedPair],
+                    pad_id: int, **kwargs: Any) -> PairLogps:
+        if path.stem == TRAIN_SPLIT:  # RunDir.reference(TRAIN_SPLIT): the training pairs
+            return zeros(path, model, pairs, pad_id)
+        return cached(path, model, pairs, pad_id, **kwargs)
+
+    return train_zeros
 
 
 def eval_beta(cfg: TrainConfig) -> float:

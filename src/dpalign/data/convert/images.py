@@ -69,11 +69,17 @@ def _as_bytes(value: object, where: str) -> bytes:
 
 
 class ImageStore:
-    """Resolves ``ImageRef``s to absolute image paths for one conversion."""
+    """Resolves ``ImageRef``s to absolute image paths for one conversion.
 
-    def __init__(self, out: Path, image_root: Path) -> None:
-        self.final = images_dir_for(out).absolute()
+    ``folder`` is where embedded images go (``images_dir_for(out)`` for an output file);
+    ``image_root`` is what relative image paths are relative to. With ``check_files=False``
+    image files named by path are taken as they are (not opened).
+    """
+
+    def __init__(self, folder: Path, image_root: Path, *, check_files: bool = True) -> None:
+        self.final = folder.absolute()
         self.image_root = image_root.absolute()
+        self.check_files = check_files
         self._staging: Path | None = None
         self._staged: set[str] = set()
         self._path_problems: dict[Path, str | None] = {}
@@ -102,6 +108,8 @@ class ImageStore:
             raise RowError(f"field '{where}' must be a non-empty path string, "
                            f"got {json_type_name(value)}")
         path = Path(os.path.normpath(self.image_root / Path(value).expanduser()))
+        if not self.check_files:
+            return str(path)
         if path not in self._path_problems:
             self._path_problems[path] = _file_problem(path)
         problem = self._path_problems[path]

@@ -23,7 +23,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from dpalign.data.convert.base import Converter, Draft, RowError, RowSkip
-from dpalign.data.convert.images import ImageStore
+from dpalign.data.convert.images import ImageStore, images_dir_for
 from dpalign.data.convert.reader import SourceRow, issue_for, iter_rows
 from dpalign.data.convert.registry import FORMATS
 from dpalign.data.errors import DataIssue, DataValidationError
@@ -100,7 +100,8 @@ def convert_file(
         raise OutputExistsError(out)
     if images is not None and not Path(images).is_dir():
         raise ValueError(f"image folder {images} not found")
-    store = ImageStore(out, Path(images) if images is not None else source.parent)
+    store = ImageStore(images_dir_for(out),
+                       Path(images) if images is not None else source.parent)
     issues: list[DataIssue] = []
     try:
         records, n_rows, skipped = _convert_rows(converter, iter_rows(source, issues),
