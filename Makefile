@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 WORK    ?= runs/demo
 
-.PHONY: setup demo answer audit-table test test-kernels lint clean
+.PHONY: setup demo answer audit-table test test-kernels lint clean opake-venv
 
 setup: $(STAMP)
 
@@ -69,6 +69,20 @@ test-kernels: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The Opake peer of benchmarks/vs_opake.py (Opake 0.16.1, JetBrains Research's DP DPO) in a venv
+# of its own: each side of that benchmark runs in its own process and Opake pins its own stack.
+# Python 3.11 with this machine's CPU torch wheel (benchmarks/opake-constraints.txt pins every
+# version, torch as 2.13.0+cpu so that pip can never fetch a CUDA build); Opake's import on
+# 3.11 needs a CPython dataclass fix, which benchmarks/opake_side.py applies. About a minute.
+OPAKE_VENV := .venv-opake
+OPAKE_PY   ?= $(PY)
+opake-venv: $(OPAKE_VENV)/.installed
+
+$(OPAKE_VENV)/.installed: benchmarks/opake-constraints.txt
+	test -x $(OPAKE_VENV)/bin/python || $(OPAKE_PY) -m venv $(OPAKE_VENV)
+	$(OPAKE_VENV)/bin/pip install -q -c benchmarks/opake-constraints.txt torch "opake[transformers]"
+	touch $@
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

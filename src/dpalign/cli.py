@@ -59,12 +59,14 @@ def world_build(
 
 @data_app.command("validate")
 def data_validate(
-    file: Annotated[Path, typer.Argument(help="Preference JSONL file.")],
+    file: Annotated[Path, typer.Argument(help="Preference JSONL file, or a folder written by "
+                                              "datasets' Dataset.save_to_disk.")],
     no_images: Annotated[bool, typer.Option("--no-images", help="Skip image checks.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Last line: a JSON summary, or the "
                                                          "JSON list of problems.")] = False,
 ) -> None:
-    """Check a preference JSONL file: schema, duplicate ids, images readable.
+    """Check a preference JSONL file (or a saved dataset): schema, duplicate ids, images
+    readable.
 
     Every problem of the file is reported in one run, one ``file:line: message`` line each
     (the first 50, then a count of the rest); any problem means exit status 1.
@@ -72,10 +74,10 @@ def data_validate(
     from rich.markup import escape
 
     from dpalign.data.errors import DataValidationError, format_issues
-    from dpalign.data.records import validate_preference_file
+    from dpalign.data.hf import validate_source
 
     try:
-        summary = validate_preference_file(file, check_images=not no_images)
+        summary = validate_source(file, check_images=not no_images)
     except DataValidationError as exc:
         for line in format_issues(exc.issues):
             err.print(line, markup=False, highlight=False)

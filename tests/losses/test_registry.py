@@ -9,10 +9,11 @@ import torch
 from pydantic import ValidationError
 
 from dpalign.losses import LOSSES, LossSpec, PairLogps, UnknownLossError, dpo, get_loss
+from dpalign.losses.config import LossConfig
 
 EXPECTED = {"dpo", "ipo", "hinge", "cdpo", "robust", "mdpo", "mmdpo", "dama", "apo_zero",
             "apo_down", "bco_pair", "nca_pair", "sppo_hard", "exo_pair", "discopop",
-            "bradley_terry"}
+            "simpo", "orpo", "bradley_terry"}
 
 
 def test_every_name_resolves():
@@ -68,6 +69,10 @@ def test_params_reject_unknown_keys_and_are_frozen(name):
     ("dama", {"hardness_mean": 1.5}),
     ("dama", {"data_scale": -1.0}),
     ("dama", {"momentum": 1.0}),
+    ("simpo", {"gamma": -0.1}),
+    ("simpo", {"gamma": float("inf")}),
+    ("simpo", {"label_smoothing": 0.5}),
+    ("orpo", {"beta": 0.2}),  # beta is the config's, not a parameter
 ])
 def test_params_reject_out_of_range_values(name, raw):
     with pytest.raises(ValidationError):
@@ -84,6 +89,23 @@ def test_needs_flags():
     assert [n for n, s in LOSSES.items() if s.needs_corrupt] == ["mdpo"]
     assert [n for n, s in LOSSES.items() if s.needs_hardness] == ["dama"]
     assert [n for n, s in LOSSES.items() if s.needs_alpha_model] == ["dama"]
+
+
+def test_reference_free_flags_and_kl_logging():
+    """Only SimPO and ORPO ignore the reference (none of TRL's DPOTrainer loss types does);
+    they and the reward model's loss log no KL to a reference."""
+    assert [n for n, s in LOSSES.items() if s.reference_free] == ["simpo", "orpo"]
+    assert [n for n, s in LOSSES.items() if s.averages_tokens] == ["simpo", "orpo"]
+    assert sorted(n for n, s in LOSSES.items() if not s.logs_kl) == ["bradley_terry", "orpo",
+                                                                    "simpo"]
+
+
+@pytest.mark.parametrize("name", ["simpo", "orpo"])
+def test_config_rejects_length_normalize_for_losses_that_average_themselves(name):
+    assert LossConfig(name=name).name == name
+    with pytest.raises(ValidationError, match="twice"):
+        LossConfig(name=name, length_normalize=True)
+    assert LossConfig(name="ipo", length_normalize=True).length_normalize
 
 
 def one_pair() -> tuple[PairLogps, PairLogps]:

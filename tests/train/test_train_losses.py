@@ -1,5 +1,7 @@
 """Every registered loss trains end to end; step 1 (policy == reference, zero margins) logs
-the loss's closed-form value, worked out by hand below."""
+the loss's closed-form value, worked out by hand below. A reference-free loss (SimPO, ORPO)
+has no reference to equal: its table value is checked on log-probs with equal per-token
+means, and its first step against the policy's own log-probs in test_reference_free.py."""
 
 from __future__ import annotations
 
@@ -8,13 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from dpalign.data.fewshot import few_shot
 from dpalign.data.records import read_preference_jsonl
 from dpalign.data.sampling import batch_indices
 from dpalign.io import read_jsonl
-from dpalign.losses import LOSSES, REWARD_LOSSES
+from dpalign.losses import LOSSES, REWARD_LOSSES, PairLogps
 from dpalign.train.config import TrainConfig
 from dpalign.train.loop import train
 from dpalign.world.load import World
@@ -34,18 +37,38 @@ LOG2 = math.log(2.0)
 #   exo_pair (eps 1e-3): 0.5 (log 0.5 - log(1 - eps)) + 0.5 (log 0.5 - log eps)
 #   discopop: mix s(0/tau) = 0.5: 0.5 log 2 + 0.5 exp(0)
 #   bradley_terry (a reward run): the head starts at zero, r = 0 for every answer: log 2
+# Reference-free, at equal per-token means m_w = m_l = m (margin 0), here m = -log 2:
+#   simpo (gamma 0.5): -log sigmoid(0 - gamma) = log(1 + e^0.5)
+#   orpo: P(y) = e^m = 1/2, odds 1, log-odds ratio 0: -m + beta (-log sigmoid(0))
+#         = log 2 + beta log 2
 EXO_EPS = 1e-3
+SIMPO_GAMMA = 0.5
 AT_ZERO_MARGIN = {"dpo": LOG2, "cdpo": LOG2, "robust": LOG2, "mmdpo": LOG2, "dama": LOG2,
                   "ipo": (1 / (2 * BETA)) ** 2, "hinge": 1.0, "mdpo": 3 * LOG2,
                   "apo_zero": 1.0, "apo_down": 1.0, "bco_pair": 2 * LOG2, "nca_pair": 2 * LOG2,
                   "sppo_hard": 2 * (1 / (2 * BETA)) ** 2,
                   "exo_pair": -LOG2 - 0.5 * (math.log1p(-EXO_EPS) + math.log(EXO_EPS)),
                   "discopop": 0.5 * LOG2 + 0.5,
+                  "simpo": math.log1p(math.exp(SIMPO_GAMMA)), "orpo": LOG2 + BETA * LOG2,
                   "bradley_terry": LOG2}
+REFERENCE_FREE = sorted(n for n, spec in LOSSES.items() if spec.reference_free)
 
 
 def test_every_registered_loss_has_a_hand_value() -> None:
     assert set(AT_ZERO_MARGIN) == set(LOSSES)
+
+
+@pytest.mark.parametrize("name", REFERENCE_FREE)
+def test_reference_free_hand_values_at_equal_means(name: str) -> None:
+    """Mean log-prob -log 2 per token on 3 chosen and 7 rejected tokens (and any reference)."""
+    half = -LOG2
+    policy = PairLogps(torch.tensor([3 * half]), torch.tensor([7 * half]),
+                       torch.tensor([3.0]), torch.tensor([7.0]))
+    ref = PairLogps(torch.tensor([-9.0]), torch.tensor([-1.0]), torch.tensor([3.0]),
+                    torch.tensor([7.0]))
+    out = LOSSES[name].call(policy, ref, beta=BETA)
+    assert out.per_example.item() == pytest.approx(AT_ZERO_MARGIN[name], rel=1e-6)
+    assert out.metrics["reward_margin"].item() == pytest.approx(0.0, abs=1e-7)
 
 
 def _dama_beta_i(world: Path) -> float:
@@ -74,16 +97,19 @@ def test_loss_trains_two_steps_from_its_closed_form(name: str, make_config: Make
     rows = read_jsonl(result.out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     first, second = rows
-    assert first["loss"] == pytest.approx(AT_ZERO_MARGIN[name], rel=1e-5, abs=1e-5)
-    assert first["reward_margin"] == pytest.approx(0.0, abs=1e-4)
-    if name in REWARD_LOSSES:  # a reward model's scores have no reference to be close to
-        assert "kl_proxy" not in first
+    reference_free = LOSSES[name].reference_free
+    if not reference_free:  # (reference-free: step 1 by hand in test_reference_free.py)
+        assert first["loss"] == pytest.approx(AT_ZERO_MARGIN[name], rel=1e-5, abs=1e-5)
+        assert first["reward_margin"] == pytest.approx(0.0, abs=1e-4)
+    if name in REWARD_LOSSES or reference_free:  # no reference to be close to
+        assert "kl_proxy" not in first and "kl_proxy" not in second
     else:
         assert first["kl_proxy"] == pytest.approx(0.0, abs=1e-10)
     assert math.isfinite(second["loss"]) and second["loss"] != first["loss"]
     assert second["grad_norm"] > 0
     reference = result.out / "reference" / "train.safetensors"
-    assert reference.is_file() == (name not in REWARD_LOSSES)  # a reward model has none
+    # neither a reward model nor a reference-free loss has one
+    assert reference.is_file() == (name not in REWARD_LOSSES and not reference_free)
     if reference.is_file():
         assert ("chosen_corrupt" in load_file(str(reference))) == (name == "mdpo")
     if name == "mdpo":

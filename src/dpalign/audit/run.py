@@ -37,6 +37,7 @@ from dpalign.audit.bound import AuditBound, guesses, membership_inference, one_r
 from dpalign.audit.canaries import GradientCanaries, InputCanaries, inclusion, input_records
 from dpalign.audit.config import AuditConfig
 from dpalign.audit.faults import FAULTS
+from dpalign.data.hf import read_records
 from dpalign.data.records import read_preference_jsonl, write_preference_jsonl
 from dpalign.io import atomic_write_bytes, atomic_write_json
 from dpalign.models.load import load_model, resolve_device, resolve_dtype
@@ -119,7 +120,7 @@ def make_canaries(cfg: TrainConfig, audit: AuditConfig, run_dir: RunDir, sample_
     if path.is_file():
         records = read_preference_jsonl(path)
     else:
-        pool = read_preference_jsonl(cfg.data.train)
+        pool = read_records(cfg.data.train)
         records = input_records(audit.m, pool, run_dir.audit_dir / "images", audit.seed)
         write_preference_jsonl(path, records, relative_to=path.parent)
         records = read_preference_jsonl(path)

@@ -174,8 +174,9 @@ def read_records(
     ``datasets.Dataset`` (``records_from_dataset``).
 
     A saved dataset's embedded images are written to ``images_dir``, by default
-    ``<folder>_images`` beside the folder; a ``Dataset`` object needs ``images_dir``. Errors
-    name ``name``, by default the path (or ``"dataset"``).
+    ``<folder>_images`` beside the folder; a ``Dataset`` object needs ``images_dir``. A
+    dataset's errors name ``name``, by default its folder (or ``"dataset"``); a JSONL file's
+    name the file.
     """
     if not isinstance(source, str | os.PathLike):
         if images_dir is None:
@@ -187,7 +188,7 @@ def read_records(
     if path.is_dir():
         return records_from_dataset(
             load_saved_dataset(path), name=name or str(path), check_images=check_images,
-            images_dir=images_dir_for(path) if images_dir is None else images_dir)
+            images_dir=images_dir_for(path.absolute()) if images_dir is None else images_dir)
     return read_preference_jsonl(path, check_images=check_images)
 
 
@@ -261,7 +262,7 @@ def _read_dataset(ds: Dataset, where: Path, store: ImageStore) -> list[Preferenc
     if unknown:
         issues.append(DataIssue(where, 0, _unknown_columns(unknown)))
     if len(ds) == 0:
-        issues.append(DataIssue(where, 0, "dataset is empty: no rows"))
+        issues.append(DataIssue(where, 0, "empty dataset: no rows"))
     records: list[PreferenceRecord] = []
     first_row_of_id: dict[str, int] = {}
     for index, row in _rows(ds.select_columns([c for c in ds.column_names if c in COLUMNS])):
@@ -368,7 +369,8 @@ def _image_refs(values: Mapping[str, Any]) -> tuple[ImageRef, ...]:
     if images is None:
         return ()
     if not isinstance(images, list):
-        raise RowError(f"field 'images' must be a list, got {json_type_name(images)}")
+        raise RowError(f"field 'images' must be a list, got {json_type_name(images)} (one "
+                       "image may go in 'image')")
     return tuple(ImageRef(f"images[{i}]", _image_value(item)) for i, item in enumerate(images))
 
 

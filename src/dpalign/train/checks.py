@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dpalign.data.fewshot import few_shot, validation_split
-from dpalign.data.records import read_preference_jsonl
+from dpalign.data.hf import read_records
 from dpalign.data.sampling import steps_per_epoch
 from dpalign.data.schema import PreferenceRecord
 from dpalign.models.encode import max_positions
@@ -86,15 +86,15 @@ class RunData:
 def check_run(cfg: TrainConfig) -> RunData:
     """Read the data files and check the settings against them (``_check_sizes``, the
     privacy units and budget) before anything is written or the model loads."""
-    pool = read_preference_jsonl(cfg.data.train)
+    pool = read_records(cfg.data.train)
     _check_sizes(cfg, len(pool))
     records = few_shot(pool, cfg.data.k, cfg.data.seed)
     if cfg.privacy.label_epsilon is not None:
         records = list(randomized_response(records, cfg.privacy.label_epsilon,
                                            cfg.data.seed).records)
-    held = (read_preference_jsonl(cfg.data.heldout)[:cfg.eval.heldout_pairs]
+    held = (read_records(cfg.data.heldout)[:cfg.eval.heldout_pairs]
             if cfg.data.heldout else [])
-    val = read_preference_jsonl(cfg.eval.validation) if cfg.eval.validation else []
+    val = read_records(cfg.eval.validation) if cfg.eval.validation else []
     if cfg.eval.validation_fraction is not None:
         if not cfg.data.heldout:
             raise ValueError("eval.validation_fraction splits the held-out pairs: set "

@@ -148,11 +148,15 @@ class ImageStore:
         if self._staging is None:
             return
         if not self.final.exists():
-            self._staging.rename(self.final)
-        else:
-            for staged in sorted(self._staging.iterdir()):
-                os.replace(staged, self.final / staged.name)
-            self._staging.rmdir()
+            try:
+                self._staging.rename(self.final)
+                self._staging = None
+                return
+            except OSError:  # another process made the folder meanwhile: add files to it
+                pass
+        for staged in sorted(self._staging.iterdir()):
+            os.replace(staged, self.final / staged.name)
+        self._staging.rmdir()
         self._staging = None
 
     def discard(self) -> None:
