@@ -74,7 +74,7 @@ lint: setup
 # of its own: each side of that benchmark runs in its own process and Opake pins its own stack.
 # Python 3.11 with this machine's CPU torch wheel (benchmarks/opake-constraints.txt pins every
 # version, torch as 2.13.0+cpu so that pip can never fetch a CUDA build); Opake's import on
-# 3.11 needs a CPython dataclass fix, which benchmarks/opake_side.py applies. About a minute.
+# 3.11 needs a CPython dataclass fix, which benchmarks/opake_side.py applies. ~100 s.
 OPAKE_VENV := .venv-opake
 OPAKE_PY   ?= $(PY)
 opake-venv: $(OPAKE_VENV)/.installed

@@ -293,11 +293,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             report = dp(model, tokenizer, pairs, warmup=args.warmup, repeats=args.repeats,
                         sigma=args.sigma, clip=args.clip, out_dir=tmp)
-    import opake
+    from importlib.metadata import version
 
     report.update(mode=args.mode, threads=torch.get_num_threads(),
                   batch_size=len(pairs["prompt"]), python=sys.version.split()[0],
-                  torch=torch.__version__, opake=getattr(opake, "__version__", "?"),
+                  torch=torch.__version__, opake=version("opake"),
                   fast_digest=args.fast_digest)
     print(json.dumps(report))
 

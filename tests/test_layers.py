@@ -28,6 +28,9 @@ LAYER_OF = {
     "dpalign.kernels": "io",
     "dpalign.rundir": "io",
     "dpalign.cli": "cli",
+    # the public API gathers every layer; ``dpalign.__getattr__`` forwards to it on first use
+    # (importlib, not an import statement: the package itself stays at the bottom)
+    "dpalign.api": "cli",
 }
 
 

@@ -57,6 +57,30 @@ def world_build(
     console.print({k: v for k, v in stats.items() if k != "object_frequency"})
 
 
+@world_app.command("text")
+def world_text(
+    world: Annotated[Path, typer.Option(help="A world folder (dpalign world build).")],
+    out: Annotated[Path, typer.Option(help="Folder for pool.jsonl and heldout.jsonl.")],
+) -> None:
+    """The world's preference pairs as text-only pairs for text LLMs: each image replaced
+    by a sentence stating its objects and colours, before the question."""
+    from dpalign.data.records import read_preference_jsonl, write_preference_jsonl
+    from dpalign.world.load import NotAWorldError, World
+    from dpalign.world.text_pairs import MissingSceneError, text_pair
+
+    try:
+        loaded = World.load(world)
+        for name, source in (("pool", loaded.pool_file), ("heldout", loaded.heldout_file)):
+            try:
+                pairs = [text_pair(r) for r in read_preference_jsonl(source)]
+            except MissingSceneError as exc:
+                raise MissingSceneError(f"{source}: {exc}") from None
+            write_preference_jsonl(out / f"{name}.jsonl", pairs)
+            console.print(f"{name}: {len(pairs)} text-only pairs -> {out / f'{name}.jsonl'}")
+    except (NotAWorldError, MissingSceneError) as exc:
+        raise fail(str(exc)) from exc
+
+
 @data_app.command("validate")
 def data_validate(
     file: Annotated[Path, typer.Argument(help="Preference JSONL file, or a folder written by "
@@ -172,11 +196,13 @@ def pretrain(
     out: Annotated[Path, typer.Option(help="Folder for the base model.")],
     world: Annotated[Path, typer.Option(help="World folder (from `dpalign world build`).")],
     preset: Annotated[str, typer.Option(help="Model preset: tiny (from scratch) | smol "
-                                             "(SmolLM2 + EfficientNet-Lite0).")] = "tiny",
+                                             "(SmolLM2 + EfficientNet-Lite0) | smollm2 "
+                                             "(text-only SmolLM2-135M-Instruct, as is).")] = "tiny",
     force: Annotated[bool, typer.Option(help="Rebuild even if OUT holds this model.")] = False,
     overrides: Overrides = None,
 ) -> None:
-    """Pretrain a base VLM on the world's biased pretraining split (cached at OUT)."""
+    """Pretrain a base VLM on the world's biased pretraining split (cached at OUT); the
+    text-only ``smollm2`` preset is written as built."""
     from dpalign.pretrain import PRESETS, default_config
     from dpalign.pretrain import pretrain as run_pretrain
     from dpalign.world.load import NotAWorldError
@@ -188,9 +214,11 @@ def pretrain(
         result = run_pretrain(world, out, cfg, force=force)
     except (NotAWorldError, FileExistsError, ValueError, ImportError) as exc:
         raise fail(str(exc)) from exc
-    verb = "trained" if result.built else "up to date (cached)"
-    console.print(f"base model {verb}: {result.out}  loss {result.first_loss:.3f} -> "
-                  f"{result.last_loss:.3f}  wall {result.wall_seconds:.0f}s")
+    verb = (("written" if result.first_loss is None else "trained") if result.built
+            else "up to date (cached)")
+    loss = ("" if result.first_loss is None else
+            f"  loss {result.first_loss:.3f} -> {result.last_loss:.3f}")
+    console.print(f"base model {verb}: {result.out}{loss}  wall {result.wall_seconds:.0f}s")
 
 
 def _train_table(evaluations: list[dict]) -> Table:

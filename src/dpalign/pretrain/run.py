@@ -31,8 +31,8 @@ FORMAT = "dpalign-pretrain/1"
 class PretrainResult:
     out: Path
     built: bool
-    first_loss: float
-    last_loss: float
+    first_loss: float | None  # None for a preset used as built (no stages, no loss)
+    last_loss: float | None
     wall_seconds: float
 
 
@@ -80,7 +80,8 @@ def pretrain(world_dir: str | Path, out: str | Path, cfg: AnyPretrainConfig, *,
     wall = time.perf_counter() - start
     model = run.model.eval()
     losses = [r for r in run.log if "loss_ema" in r] or run.log  # language-model stages
-    first, last = losses[0]["loss"], losses[-1].get("loss_ema", losses[-1]["loss"])
+    first, last = ((losses[0]["loss"], losses[-1].get("loss_ema", losses[-1]["loss"]))
+                   if losses else (None, None))
 
     with atomic_directory(out) as staging:
         model.save_pretrained(staging)

@@ -177,7 +177,13 @@ class PrivateStep:
                 **{f"dp_{k}": (None if isinstance(v, float) and math.isnan(v) else v)
                    for k, v in diag.as_dict().items()},
                 "dp_clip_norm": clip_norm, "dp_noise_variance": variance,
-                "epsilon": self.epsilon()}
+                "epsilon": self.epsilon() if self._accounted(step) else None}
+
+    def _accounted(self, step: int) -> bool:
+        """Whether a step's row carries epsilon: every ``privacy.account_every`` steps and
+        at the last planned one, as the trainer logs it (a PLD accounting of a Poisson
+        ledger takes ~0.5 s; ``epsilon()`` is always there to ask)."""
+        return step % self.privacy.account_every == 0 or step == self.plan.budget_steps
 
     def _units_of(self, batch: Pairs) -> list[list[int]]:
         """The batch's privacy units as positions in it: one pair each, or with
