@@ -16,6 +16,12 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     api = importlib.import_module("dpalign.api")
+    # ``train`` and ``report`` are also subpackages, which importing the API binds here:
+    # the public functions replace those bindings (``import dpalign.train.loop`` still
+    # works: the import system finds loaded modules in sys.modules, not on the package)
+    globals().update({public: getattr(api, public) for public in api.__all__})
+    if name == "api":
+        return api
     if name in api.__all__:
         return getattr(api, name)
     raise AttributeError(f"module 'dpalign' has no attribute {name!r}")

@@ -55,7 +55,8 @@ def train_config(config: ConfigLike, overrides: Sequence[str] = (), *,
     """A validated ``TrainConfig`` from a config, a dict of its sections or a YAML file,
     with dotted ``overrides`` (``"privacy.target_epsilon=4"``). ``datasets.Dataset``
     objects in ``data.train`` / ``data.heldout`` / ``eval.validation`` of a dict are written
-    as dpalign JSONL under ``data_dir`` (required then) and the config points at them."""
+    as dpalign JSONL into ``data_dir/data/`` (``data_dir``: the run directory; required
+    then) and the config points at them."""
     if isinstance(config, TrainConfig):
         return apply_overrides(config, overrides)
     if isinstance(config, (str, Path)):
@@ -71,7 +72,7 @@ def train(config: ConfigLike, out: str | Path, *, overrides: Sequence[str] = (),
     """Run one alignment run into ``out`` (see ``dpalign train``); ``config`` as
     ``train_config`` takes it. Datasets given in the config are written to ``out/data/``
     first, so the run directory's resolved config names files and the run can resume."""
-    cfg = train_config(config, overrides, data_dir=Path(out) / "data")
+    cfg = train_config(config, overrides, data_dir=out)
     return _train(cfg, out, resume=resume)
 
 

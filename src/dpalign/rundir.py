@@ -142,6 +142,12 @@ class RunDir:
         return self.path / "bdhs.jsonl"
 
     @property
+    def data_dir(self) -> Path:
+        """Datasets given to ``dpalign.train`` as objects, written here as JSONL before the
+        run starts (the resolved config names these files)."""
+        return self.path / "data"
+
+    @property
     def audit_dir(self) -> Path:
         return self.path / "audit"
 

@@ -12,6 +12,9 @@ from dpalign.losses import get_loss
 
 
 class LossConfig(Section):
+    """The loss: a registered ``name`` (``dpalign.losses.LOSSES``), its ``beta`` and its own
+    ``params``."""
+
     name: str = "dpo"
     beta: float = Field(0.1, gt=0)
     params: dict[str, Any] = Field(default_factory=dict)

@@ -14,6 +14,9 @@ from dpalign.models.families import family_of
 
 
 class LoraConfig(Section):
+    """LoRA adapters (peft) on the language model's ``target_modules``, or full fine-tuning
+    when ``enabled`` is false."""
+
     enabled: bool = True
     r: int = Field(8, ge=1)
     alpha: float = Field(16, gt=0)

@@ -113,8 +113,10 @@ def _same_config(saved: Any, cfg: TrainConfig) -> bool:
 def _check_dir(out: Path, cfg: TrainConfig, resume: bool, allowed: frozenset[str] = frozenset()
                ) -> None:
     """Refuse a resume of no run or of another config, and a fresh start into a directory
-    holding anything but the entries ``allowed`` (an audit's canaries); writes nothing."""
+    holding anything but the entries ``allowed`` (an audit's canaries) and the datasets
+    ``dpalign.train`` wrote (``RunDir.data_dir``); writes nothing."""
     saved = RunDir(out).config
+    allowed = allowed | {RunDir(out).data_dir.name}
     if resume:
         if not saved.is_file():
             raise RunDirError(f"{out}: no run to resume ({saved.name} missing)")
