@@ -164,6 +164,9 @@ class StudyConfig(BaseModel):
     halving: HalvingConfig | None = None
     workers: int = Field(2, ge=1, description="runs at the same time (local backend)")
     audit: AuditConfig | None = None
+    text: bool = Field(False, description="text-only runs: the world's pairs as text (each "
+                                          "image stated in words, dpalign world text), no "
+                                          "POPE/CHAIR; for a causal LM model")
 
     @model_validator(mode="after")
     def _method_from_grid(self) -> StudyConfig:

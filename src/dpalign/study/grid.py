@@ -24,12 +24,17 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dpalign.config import ConfigError, deep_merge, nest_dotted
+from dpalign.data.records import read_preference_jsonl, write_preference_jsonl
 from dpalign.study.config import SAMPLE_RATE, StudyConfig
 from dpalign.train.config import TrainConfig
 from dpalign.world.load import World
+from dpalign.world.text_pairs import text_pair
+
+TEXT_PREFS = "prefs-text"  # a text study's pairs, beside the world's prefs/
 
 LABEL_DP_LOSS = {"dpo": "robust"}
 OFFLINE = "offline"
@@ -128,13 +133,29 @@ def _mechanism(point: Point) -> dict[str, Any]:
     return {"privacy": privacy, "loss": {"name": loss}, "method": point.method}
 
 
-def train_config(study: StudyConfig, point: Point) -> TrainConfig:
-    """The run's ``TrainConfig``: base, then the mechanism's overrides, then the point."""
+def _data_files(study: StudyConfig) -> tuple[Path, Path]:
+    """The world's pool and held-out files, or (``study.text``) their text-only versions,
+    written once into ``<world>/prefs-text/`` (atomically; the same bytes every time)."""
     world = World.load(study.world)
+    if not study.text:
+        return world.pool_file, world.heldout_file
+    folder = Path(study.world) / TEXT_PREFS
+    files = []
+    for source in (world.pool_file, world.heldout_file):
+        target = folder / source.name
+        if not target.is_file():
+            write_preference_jsonl(target, [text_pair(r) for r in read_preference_jsonl(source)])
+        files.append(target)
+    return files[0], files[1]
+
+
+def train_config(study: StudyConfig, point: Point) -> TrainConfig:
+    """The run's ``TrainConfig``: base, then the mechanism's overrides, then the point. A
+    text study's runs read the text-only pairs and name no world (no POPE/CHAIR)."""
+    pool, heldout = _data_files(study)
     data: dict[str, Any] = deep_merge(study.base, {
-        "model": str(study.model), "world": str(study.world),
-        "data": {"train": str(world.pool_file), "heldout": str(world.heldout_file),
-                 "k": point.k},
+        "model": str(study.model), "world": None if study.text else str(study.world),
+        "data": {"train": str(pool), "heldout": str(heldout), "k": point.k},
         "train": {"seed": point.seed}})
     data = deep_merge(data, nest_dotted(study.overrides.get(point.mechanism, {})))  # type: ignore[call-overload]
     data = deep_merge(data, _mechanism(point))
