@@ -32,8 +32,8 @@ less), the memory the peak RSS added during the timed steps (``trl_peer.PeakRSS`
 Reference log-probs are computed once, outside the timed steps, on both sides (the base
 model with the adapter disabled; Opake does it while its trainer is constructed). Opake's
 ``training_step`` accounts nothing (its loop does, between steps); dpalign's ``step`` reports
-epsilon after each step, 0.3 ms with fixed batches (with Poisson sampling, the default, that
-PLD accounting over the whole ledger takes ~0.4-0.7 s a step here: more than the step).
+epsilon every ``privacy.account_every`` steps (the trainer's rule; with these fixed
+batches an accounting takes 0.3 ms, a PLD accounting of a Poisson ledger ~0.5 s).
 Opake's trainer construction (it fingerprints every
 weight byte by byte for its reference cache) is timed apart and reported as
 ``opake_construct_s``. Before any step, at the same weights, each DP side's per-pair

@@ -65,8 +65,8 @@ def world_text(
     """The world's preference pairs as text-only pairs for text LLMs: each image replaced
     by a sentence stating its objects and colours, before the question."""
     from dpalign.data.records import read_preference_jsonl, write_preference_jsonl
+    from dpalign.data.text_pairs import MissingSceneError, text_pair
     from dpalign.world.load import NotAWorldError, World
-    from dpalign.world.text_pairs import MissingSceneError, text_pair
 
     try:
         loaded = World.load(world)

@@ -63,7 +63,7 @@ def test_a_preset_name_is_pretrained_on_the_study_world(tmp_path: Path,
 
 def test_an_unknown_name_lists_the_presets(tmp_path: Path, recorded: list[tuple]) -> None:
     with pytest.raises(ConfigError, match=r"neither a model folder nor a pretrain preset "
-                                          r"\(smol, tiny\)"):
+                                          r"\(smol, smollm2, tiny\)"):
         resolve_model("huge", tmp_path / "world", tmp_path / "study")
     assert recorded == []
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from dpalign.data.records import read_preference_jsonl
+from dpalign.data.text_pairs import text_pair
 from dpalign.privacy.accounting import epsilon
 from dpalign.report import write_report
 from dpalign.study import StudyConfig, expand, run_study, train_config
 from dpalign.world.load import World
-from dpalign.world.text_pairs import text_pair
 
 
 def test_text_study_runs_and_reports(small_world: Path, tiny_text_model: Path,
@@ -26,13 +26,13 @@ def test_text_study_runs_and_reports(small_world: Path, tiny_text_model: Path,
         "base": {"train": {"steps": 3, "batch_size": 4, "threads": 1},
                  "eval": {"every": 3, "batch_size": 16},
                  "privacy": {"account_every": 1}}})
-    cfg = train_config(study, expand(study)[0])
+    cfg = train_config(study, expand(study)[0], tmp_path / "study" / "text")
     assert cfg.world is None  # no POPE/CHAIR on a text model
     world = World.load(small_world)
     assert read_preference_jsonl(cfg.data.train) == [
         text_pair(r) for r in read_preference_jsonl(world.pool_file)]
     assert all(not r.images for r in read_preference_jsonl(cfg.data.heldout))
-
+    assert not (small_world / "prefs-text").exists()  # the world folder is not written
     result = run_study(study, tmp_path / "study")
     runs = result.runs.set_index("run")
     assert set(runs["status"]) == {"ok"}

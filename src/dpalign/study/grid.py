@@ -29,12 +29,12 @@ from typing import Any
 
 from dpalign.config import ConfigError, deep_merge, nest_dotted
 from dpalign.data.records import read_preference_jsonl, write_preference_jsonl
+from dpalign.data.text_pairs import text_pair
 from dpalign.study.config import SAMPLE_RATE, StudyConfig
 from dpalign.train.config import TrainConfig
 from dpalign.world.load import World
-from dpalign.world.text_pairs import text_pair
 
-TEXT_PREFS = "prefs-text"  # a text study's pairs, beside the world's prefs/
+TEXT_DIR = "text"  # a text study's pairs, in the study folder
 
 LABEL_DP_LOSS = {"dpo": "robust"}
 OFFLINE = "offline"
@@ -133,26 +133,31 @@ def _mechanism(point: Point) -> dict[str, Any]:
     return {"privacy": privacy, "loss": {"name": loss}, "method": point.method}
 
 
-def _data_files(study: StudyConfig) -> tuple[Path, Path]:
+def _data_files(study: StudyConfig, text_dir: Path | None) -> tuple[Path, Path]:
     """The world's pool and held-out files, or (``study.text``) their text-only versions,
-    written once into ``<world>/prefs-text/`` (atomically; the same bytes every time)."""
+    written once into ``text_dir`` (the study's ``text/``; atomically, the same bytes every
+    time). The world folder itself is never written."""
     world = World.load(study.world)
     if not study.text:
         return world.pool_file, world.heldout_file
-    folder = Path(study.world) / TEXT_PREFS
+    if text_dir is None:
+        raise ConfigError(f"study {study.name!r} is a text study: its run configs need the "
+                          "folder for the text pairs (run_study gives OUT/text)")
     files = []
     for source in (world.pool_file, world.heldout_file):
-        target = folder / source.name
+        target = Path(text_dir) / source.name
         if not target.is_file():
             write_preference_jsonl(target, [text_pair(r) for r in read_preference_jsonl(source)])
         files.append(target)
     return files[0], files[1]
 
 
-def train_config(study: StudyConfig, point: Point) -> TrainConfig:
+def train_config(study: StudyConfig, point: Point, text_dir: Path | None = None
+                 ) -> TrainConfig:
     """The run's ``TrainConfig``: base, then the mechanism's overrides, then the point. A
-    text study's runs read the text-only pairs and name no world (no POPE/CHAIR)."""
-    pool, heldout = _data_files(study)
+    text study's runs read the text-only pairs (kept in ``text_dir``) and name no world
+    (no POPE/CHAIR)."""
+    pool, heldout = _data_files(study, text_dir)
     data: dict[str, Any] = deep_merge(study.base, {
         "model": str(study.model), "world": None if study.text else str(study.world),
         "data": {"train": str(pool), "heldout": str(heldout), "k": point.k},

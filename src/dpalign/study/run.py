@@ -34,7 +34,7 @@ from dpalign.progress import make_progress
 from dpalign.rundir import StudyDir
 from dpalign.study.base import evaluate_base, read_base
 from dpalign.study.config import StudyConfig
-from dpalign.study.grid import Point, expand, train_config
+from dpalign.study.grid import TEXT_DIR, Point, expand, train_config
 from dpalign.study.halving import promoted, rungs
 from dpalign.study.provenance import weights_hash, write_provenance
 from dpalign.study.runner import (
@@ -107,7 +107,8 @@ def run_study(study: StudyConfig, out: str | Path, *, backend: str = "local",
         raise ConfigError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     out = Path(out)
     points = expand(study)
-    configs = {p.name: train_config(study, p) for p in points}  # every error before any run
+    configs = {p.name: train_config(study, p, out / TEXT_DIR)  # every error before any run
+               for p in points}
     _check_tuning(study, configs)
     _check_audit(study, configs)
     _claim(out, study)
