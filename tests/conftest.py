@@ -129,6 +129,30 @@ def crash_at(step: int) -> Callable[[dict[str, Any]], None]:
     return hook
 
 
+def pld_epsilon(sigma: float, q: float, steps: int, delta: float = 1e-5) -> float:
+    """epsilon at ``delta`` of ``steps`` Poisson-subsampled Gaussian steps, by dp_accounting
+    run directly (PLD, the discretization dpalign uses)."""
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+
+    from dpalign.privacy.accounting import PLD_DISCRETIZATION
+
+    acc = PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+                        value_discretization_interval=PLD_DISCRETIZATION)
+    acc.compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps))
+    return float(acc.get_epsilon(delta))
+
+
+def assert_same_run(out: Path, expected: Path) -> None:
+    """Metrics (but step_seconds) and evaluations equal the uninterrupted run's."""
+    from dpalign.io import read_jsonl
+
+    assert without_time(read_jsonl(out / "metrics.jsonl")) == without_time(
+        read_jsonl(expected / "metrics.jsonl"))
+    assert read_jsonl(out / "eval.jsonl") == read_jsonl(expected / "eval.jsonl")
+
+
 def without_time(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Metrics rows without the wall-clock field, which no two runs share."""
     return [{k: v for k, v in r.items() if k not in ("step_seconds", "online_seconds")}

@@ -11,20 +11,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import dp_accounting
 import numpy as np
 import pytest
 import torch
-from dp_accounting.pld import PLDAccountant
 from safetensors.torch import load_file
 
-from conftest import CrashError, crash_at, without_time
+from conftest import CrashError, crash_at, pld_epsilon, without_time
 from dpalign.data.fewshot import few_shot
 from dpalign.data.records import read_preference_jsonl
 from dpalign.io import read_jsonl
 from dpalign.losses.objective import pair_logps
 from dpalign.models.pairs import collate
-from dpalign.privacy.accounting import PLD_DISCRETIZATION, Ledger, epsilon
+from dpalign.privacy.accounting import Ledger, epsilon
 from dpalign.privacy.config import PrivacyConfig
 from dpalign.privacy.plan import SECURE_NOTICE, SEEDED_NOTICE, plan_privacy, privacy_units
 from dpalign.privacy.sampling import poisson_batch, shuffled_batch
@@ -202,11 +200,7 @@ def test_user_unit_without_user_id_is_refused_naming_the_record(make_config: Mak
 
 def _pld_reference(sigma: float, q: float, steps: int) -> float:
     """epsilon at DELTA of ``steps`` Poisson-subsampled Gaussian steps, by dp_accounting."""
-    acc = PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-                        value_discretization_interval=PLD_DISCRETIZATION)
-    acc.compose(dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps))
-    return float(acc.get_epsilon(DELTA))
+    return pld_epsilon(sigma, q, steps, DELTA)
 
 
 DP_RUN = {"privacy": {"enabled": True, "noise_multiplier": 1.0, "account_every": 1}}

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import CrashError, MakeConfig, crash_at, without_time
+from conftest import CrashError, MakeConfig, assert_same_run, crash_at
 from dpalign.cli import app
 from dpalign.data.records import read_preference_jsonl, write_preference_jsonl
 from dpalign.io import CorruptLogError, TornLineWarning, append_jsonl, read_jsonl, read_log_jsonl
@@ -50,13 +50,6 @@ def _error_line(result: Any) -> str:
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
     return errors[0]
-
-
-def _assert_same_run(out: Path, expected: Path) -> None:
-    """Metrics (but step_seconds) and evaluations equal the uninterrupted run's."""
-    assert without_time(read_jsonl(out / "metrics.jsonl")) == without_time(
-        read_jsonl(expected / "metrics.jsonl"))
-    assert read_jsonl(out / "eval.jsonl") == read_jsonl(expected / "eval.jsonl")
 
 
 # --- 1. torn log lines -----------------------------------------------------------------------
@@ -98,7 +91,7 @@ def test_resume_recovers_a_torn_last_line(whole: tuple[TrainConfig, TrainResult]
     with pytest.warns(TornLineWarning, match=rf"{out / log}:\d+: dropped a torn last line"):
         resumed = train(cfg, out, resume=True)
     assert resumed.steps == 6
-    _assert_same_run(out, done.out)
+    assert_same_run(out, done.out)
 
 
 def test_resume_refuses_a_corrupt_line_that_is_not_the_last(
@@ -139,7 +132,7 @@ def test_disk_full_mid_append_is_one_error_line_and_resume_recovers(
                                   "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert "warning:" in resumed.stderr and "dropped a torn last line" in resumed.stderr
-    _assert_same_run(out, done.out)
+    assert_same_run(out, done.out)
 
 
 # --- 2. OS errors ----------------------------------------------------------------------------

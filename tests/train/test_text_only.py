@@ -9,21 +9,18 @@ import math
 from pathlib import Path
 from typing import Any
 
-import dp_accounting
 import pytest
 import torch
 import yaml
-from dp_accounting.pld import PLDAccountant
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 from typer.testing import CliRunner
 
-from conftest import CrashError, crash_at, without_time
+from conftest import CrashError, assert_same_run, crash_at, pld_epsilon, without_time
 from dpalign.cli import app
 from dpalign.io import read_jsonl
 from dpalign.models.families import TextProcessor
 from dpalign.models.load import load_model
-from dpalign.privacy.accounting import PLD_DISCRETIZATION
 from dpalign.train.config import TrainConfig
 from dpalign.train.loop import TrainResult, train
 
@@ -40,14 +37,6 @@ def text_config(model: Path, pool: Path, **overrides: Any) -> dict[str, Any]:
             "checkpoint": {"every": 2, "keep": 2},
             "privacy": {"enabled": True, "noise_multiplier": 1.0, "account_every": 1},
             **overrides}
-
-
-def _pld(sigma: float, q: float, steps: int) -> float:
-    acc = PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-                        value_discretization_interval=PLD_DISCRETIZATION)
-    acc.compose(dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps))
-    return float(acc.get_epsilon(DELTA))
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +65,13 @@ def test_epsilon_is_dp_accountings_and_resume_is_exact(
     with pytest.raises(CrashError):
         train(cfg, out, on_step=crash_at(5))
     train(cfg, out, resume=True)
+    assert_same_run(out, whole.out)
     rows = read_jsonl(out / "metrics.jsonl")
-    assert without_time(rows) == without_time(read_jsonl(whole.out / "metrics.jsonl"))
-    assert read_jsonl(out / "eval.jsonl") == read_jsonl(whole.out / "eval.jsonl")
     final = load_file(str(out / "final" / "model.safetensors"))
     for name, tensor in load_file(str(whole.out / "final" / "model.safetensors")).items():
         assert torch.equal(final[name], tensor), name
     for r in rows:
-        assert r["epsilon"] == pytest.approx(_pld(1.0, 0.25, r["step"]), rel=1e-9)
+        assert r["epsilon"] == pytest.approx(pld_epsilon(1.0, 0.25, r["step"], DELTA), rel=1e-9)
 
 
 def test_heldout_evaluation_and_saved_model(finished: tuple[TrainConfig, TrainResult]) -> None:

@@ -99,6 +99,11 @@ def privacy_units(pairs: Sequence[EncodedPair], users: Sequence[str | None],
     if missing:
         raise ValueError(f"privacy.unit=user needs metadata.user_id; record {missing[0]!r} "
                          f"has none ({len(missing)} records lack it)")
+    return user_units(users)  # type: ignore[arg-type]
+
+
+def user_units(users: Sequence[str]) -> list[list[int]]:
+    """Indices grouped by user, in order of each user's first pair."""
     groups: dict[str, list[int]] = {}
     for i, user in enumerate(users):
         groups.setdefault(str(user), []).append(i)

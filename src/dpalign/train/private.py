@@ -54,7 +54,9 @@ from dpalign.privacy.plan import (
     plan_privacy,
     privacy_units,
     spent_epsilon,
+    user_units,
 )
+from dpalign.rl.reward import zero_reference
 from dpalign.train.dp_step import chunked_grads, noise_variance
 from dpalign.train.optim import set_noise_variance
 from dpalign.train.reference import compute_reference
@@ -112,9 +114,8 @@ class PrivateStep:
         """Reference log-probs of ``pairs``: the model with its LoRA adapters disabled
         (zeros for a reference-free loss). A fully fine-tuned model has no reference inside
         it: pass ``ref=`` to ``step``."""
-        if getattr(self.objective.spec, "reference_free", False):
-            zeros = torch.zeros(len(pairs))
-            return PairLogps(zeros, zeros, zeros, zeros)
+        if self.objective.spec.reference_free:
+            return zero_reference(len(pairs))
         if not isinstance(self.model, peft.PeftModel):
             raise ValueError("reference log-probs come from the model with its LoRA adapters "
                              "disabled; this model has no adapters: pass ref= to step() "
@@ -237,7 +238,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, *, processo
     if cfg.unit == "user" and (users is None or len(users) != n_pairs):
         raise ValueError("privacy.unit=user needs users=: one user id per training pair")
     units = ([[i] for i in range(n_pairs)] if cfg.unit == "example"
-             else list(_groups(users).values()))  # type: ignore[arg-type]
+             else user_units(users))  # type: ignore[arg-type]
     plan = plan_privacy(cfg, len(units), batch_size, steps)
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     if not params:
@@ -247,9 +248,3 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, *, processo
                        plan, make_engine(cfg.engine, model, params), units, seed,
                        micro_batch_size)
 
-
-def _groups(users: Sequence[str]) -> dict[str, list[int]]:
-    groups: dict[str, list[int]] = {}
-    for i, user in enumerate(users):
-        groups.setdefault(str(user), []).append(i)
-    return groups
