@@ -16,8 +16,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "dpalign"
 
 # Bottom to top: a module may import from its own layer or the layers below it.
-LAYERS = ("io", "world", "data", "models", "losses", "privacy", "eval", "online", "rl", "train",
-          "pretrain", "diagnostics", "audit", "study", "report", "cli")
+LAYERS = ("io", "track", "world", "data", "models", "losses", "privacy", "eval", "online", "rl",
+          "train", "pretrain", "diagnostics", "audit", "study", "report", "cli")
 # Modules whose layer is not their package's name (``dpalign.<package>...``): the top-level
 # utilities are the bottom layer.
 LAYER_OF = {

@@ -4,18 +4,38 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import sys
 from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import typer.core
+from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from dpalign.config import apply_overrides
 
+
+class JsonOnCrash(typer.core.TyperGroup):
+    """The root group: a command that fails with an unexpected exception (exit status 1,
+    with its traceback) still ends stdout with the --json failure object."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            if getattr(exc, "exit_code", None) is None and not isinstance(exc, typer.Abort):
+                _json_failure(f"{type(exc).__name__}: {exc}")  # not click's exits/usage errors
+            raise
+
+
 app = typer.Typer(help="Differentially private preference alignment of vision-language models.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, cls=JsonOnCrash)
 world_app = typer.Typer(help="The synthetic image-text world.", no_args_is_help=True)
 data_app = typer.Typer(help="Preference data files.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
@@ -26,13 +46,87 @@ app.add_typer(reward_app, name="reward")
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-Overrides = Annotated[list[str] | None, typer.Argument(help="key=value settings, e.g. steps=200")]
+
+def _overrides(example: str, command: str) -> Any:
+    """The ``key=value ...`` argument of a command, with an example valid for its config."""
+    return Annotated[list[str] | None, typer.Argument(
+        metavar="KEY=VALUE",
+        help=f"Settings as dotted key=value (values read as YAML), e.g. {example}; every key: "
+             f"dpalign settings {command}.")]
 
 
-def fail(message: str) -> typer.Exit:
-    """Print ``message`` as an error and return the exit to raise (status 1)."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+TrainOverrides = _overrides("train.steps=200 privacy.target_epsilon=8", "train")
+RewardOverrides = _overrides("train.steps=200 privacy.target_epsilon=8", "reward")
+AuditOverrides = _overrides("train.steps=200 privacy.target_epsilon=8", "audit")
+WorldOverrides = _overrides("n_pool_pairs=128 hallucination_rate=0.5", "world")
+StudyOverrides = _overrides("workers=4 grid.seed=[0,1,2]", "study")
+PretrainOverrides = _overrides("steps=400 with --preset tiny, lm_steps=200 with --preset smol",
+                               "pretrain --preset NAME")
+
+_json_asked: ContextVar[bool] = ContextVar("dpalign_json", default=False)
+"""Whether the running command was given --json (reset by the app's callback, set by the
+option's), read by ``emit`` and ``fail``."""
+
+
+def _remember_json(value: bool) -> bool:
+    _json_asked.set(value)
+    return value
+
+
+JsonLine = Annotated[bool, typer.Option(
+    "--json", callback=_remember_json,
+    help='End stdout with one line holding a JSON object: the result, with "ok": true; on '
+         'failure (exit status 1) {"ok": false, "error": MESSAGE}.')]
+"""The one --json option: a command takes it (as ``as_json``) and reports through ``emit``
+and ``fail``, which print the JSON line."""
+
+
+def _rank() -> int:
+    """This process's rank in a torch.distributed run (0 when not distributed)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    return int(os.environ.get("RANK", "0"))
+
+
+def emit(result: dict[str, Any]) -> None:
+    """With --json (on rank 0), print ``{"ok": true, **result}`` as the last stdout line."""
+    if _json_asked.get() and _rank() == 0:
+        print(json.dumps({"ok": True, **result}))
+
+
+def fail(message: str, **details: Any) -> typer.Exit:
+    """Print ``message`` (plain text) as an error and return the exit to raise (status 1);
+    with --json, also the last stdout line ``{"ok": false, "error": message, **details}``."""
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    _json_failure(message, **details)
     return typer.Exit(1)
+
+
+def _json_failure(message: str, **details: Any) -> None:
+    if _json_asked.get() and _rank() == 0:
+        print(json.dumps({"ok": False, "error": message, **details}))
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"dpalign {version('dpalign')}", markup=False, highlight=False)
+        raise typer.Exit
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_show_version,
+                                          help="Print dpalign's version and exit.")] = False,
+) -> None:
+    from dpalign.progress import quiet_other_bars
+
+    _json_asked.set(False)  # a subcommand's --json sets it
+    quiet_other_bars()
 
 
 @world_app.command("build")
@@ -40,7 +134,7 @@ def world_build(
     out: Annotated[Path, typer.Option(help="Folder to write the world into.")],
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives identical files.")] = 0,
     force: Annotated[bool, typer.Option(help="Replace a different world at OUT.")] = False,
-    overrides: Overrides = None,
+    overrides: WorldOverrides = None,
 ) -> None:
     """Build the synthetic image-text world (pretraining, preference pairs, POPE, captions)."""
     from dpalign.world.build import WorldExistsError, build_world
@@ -86,17 +180,16 @@ def data_validate(
     file: Annotated[Path, typer.Argument(help="Preference JSONL file, or a folder written by "
                                               "datasets' Dataset.save_to_disk.")],
     no_images: Annotated[bool, typer.Option("--no-images", help="Skip image checks.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Last line: a JSON summary, or the "
-                                                         "JSON list of problems.")] = False,
+    as_json: JsonLine = False,
 ) -> None:
     """Check a preference JSONL file (or a saved dataset): schema, duplicate ids, images
     readable.
 
     Every problem of the file is reported in one run, one ``file:line: message`` line each
-    (the first 50, then a count of the rest); any problem means exit status 1.
+    (the first 50, then a count of the rest); any problem means exit status 1. The --json
+    object: path, records, images, users, error_kinds; on failure also path, count and
+    errors (file, line, field, message).
     """
-    from rich.markup import escape
-
     from dpalign.data.errors import DataValidationError, format_issues
     from dpalign.data.hf import validate_source
 
@@ -106,17 +199,13 @@ def data_validate(
         for line in format_issues(exc.issues):
             err.print(line, markup=False, highlight=False)
         count = len(exc.issues)
-        err.print(f"[bold red]error:[/] {count} problem{'s' if count != 1 else ''} in "
-                  f"{escape(str(file))}", highlight=False)
-        if as_json:
-            print(json.dumps({"ok": False, "path": str(file), **exc.as_dict()}))
-        raise typer.Exit(1) from exc
+        raise fail(f"{count} problem{'s' if count != 1 else ''} in {file}", path=str(file),
+                   **exc.as_dict()) from exc
     info = {"path": str(summary.path), "records": summary.n_records, "images": summary.n_images,
             "users": summary.n_users, "error_kinds": summary.error_kinds}
-    if as_json:
-        print(json.dumps({"ok": True, **info}))
-    else:
+    if not as_json:
         console.print(f"ok: {info}", highlight=False)
+    emit(info)
 
 
 @data_app.command("convert")
@@ -128,26 +217,25 @@ def data_convert(
     images: Annotated[Path | None, typer.Option(help="Folder relative image paths are in "
                                                      "(default: the input's folder).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Last line: a JSON summary.")] = False,
+    as_json: JsonLine = False,
 ) -> None:
     """Convert a public preference dataset into dpalign's JSONL format (all or nothing).
 
     Image paths are written relative to OUT's folder; an existing OUT is kept unless --force.
+    The --json object: source, out, format, rows, records, embedded_images, images_dir,
+    skipped.
     """
-    from rich.markup import escape
-
     from dpalign.data.convert import convert_file
 
     try:
         summary = convert_file(source, fmt, out, images=images, force=force)
     except ValueError as exc:  # includes DataValidationError and OutputExistsError
-        raise fail(escape(str(exc))) from exc
+        raise fail(str(exc)) from exc
     skipped = "; ".join(f"{reason} ({n})" for reason, n in summary.skipped.items()) or "none"
     console.print(f"wrote {summary.n_records} pairs from {summary.n_rows} rows to {summary.out}"
                   f" ({summary.n_embedded_images} embedded images); skipped: {skipped}",
                   markup=False, highlight=False)
-    if as_json:
-        print(json.dumps(summary.as_dict()))
+    emit(summary.as_dict())
 
 
 @data_app.command("bdhs")
@@ -167,8 +255,6 @@ def data_bdhs(
 ) -> None:
     """Bias-driven hallucination sampling: a rejected answer for each good one, written by
     MODEL with the image masked from attention (BDHS; input checked before the model loads)."""
-    from rich.markup import escape
-
     from dpalign.models.load import load_model, resolve_device, resolve_dtype
     from dpalign.online.bdhs import make_bdhs_pairs, read_bdhs_inputs
     from dpalign.online.config import BDHSConfig
@@ -183,7 +269,7 @@ def data_bdhs(
         summary = make_bdhs_pairs(vlm.model, vlm.processor, items, out, cfg,
                                   batch_size=batch_size)
     except (OSError, ImportError, ValueError) as exc:  # incl. DataValidationError
-        raise fail(escape(str(exc))) from exc
+        raise fail(str(exc)) from exc
     console.print(f"wrote {summary.n_pairs} pairs to {summary.out} ({summary.n_identical} "
                   f"left out: rejected equal to chosen); mean tries {summary.mean_tries:.2f}, "
                   f"at max tries {summary.share_max_tries:.1%}, mean similarity "
@@ -199,7 +285,7 @@ def pretrain(
                                              "(SmolLM2 + EfficientNet-Lite0) | smollm2 "
                                              "(text-only SmolLM2-135M-Instruct, as is).")] = "tiny",
     force: Annotated[bool, typer.Option(help="Rebuild even if OUT holds this model.")] = False,
-    overrides: Overrides = None,
+    overrides: PretrainOverrides = None,
 ) -> None:
     """Pretrain a base VLM on the world's biased pretraining split (cached at OUT); the
     text-only ``smollm2`` preset is written as built."""
@@ -284,23 +370,22 @@ def train(
     out: Annotated[Path, typer.Option(help="Run directory.")],
     resume: Annotated[bool, typer.Option(help="Continue the run at OUT from its newest "
                                                "checkpoint.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Last line: result.json.")] = False,
-    overrides: Overrides = None,
+    as_json: JsonLine = False,
+    overrides: TrainOverrides = None,
 ) -> None:
     """Align a VLM on preference pairs (DPO family, LoRA or full), with checkpoints.
 
     Bad input (data, settings, over-long pairs, a budget that allows no step) and OS errors
     end with one ``error:`` line and exit status 1; a failed fresh start leaves OUT as found.
+    The --json object is OUT/result.json. Under torchrun only rank 0 prints.
     """
-    _run_training(config, out, resume=resume, as_json=as_json, overrides=overrides or [])
+    _run_training(config, out, resume=resume, overrides=overrides or [])
 
 
-def _run_training(config: Path, out: Path, *, resume: bool, as_json: bool,
-                  overrides: list[str]) -> None:
+def _run_training(config: Path, out: Path, *, resume: bool, overrides: list[str]) -> None:
     """``dpalign train`` and ``dpalign reward train``: load the config (YAML + overrides),
-    run it, print the held-out table and the summary line."""
-    from rich.markup import escape
-
+    run it, print the held-out table and the summary line (on rank 0 only: under torchrun
+    every rank runs this)."""
     from dpalign.config import ConfigError, load_yaml_config
     from dpalign.data.errors import DataValidationError
     from dpalign.rundir import RunDir, RunDirError
@@ -313,9 +398,11 @@ def _run_training(config: Path, out: Path, *, resume: bool, as_json: bool,
         with _warnings_as_lines():
             result = run_train(cfg, out, resume=resume)
     except OSError as exc:  # read-only or full disk, a model folder without its weights
-        raise fail(escape(_os_error_text(exc, out))) from exc
+        raise fail(_os_error_text(exc, out)) from exc
     except (ConfigError, DataValidationError, RunDirError, ValueError) as exc:
-        raise fail(escape(str(exc))) from exc
+        raise fail(str(exc)) from exc
+    if _rank() != 0:  # rank R wrote its own copy at OUT.rankR; rank 0 reports the run
+        return
     if result.evaluations:
         console.print(_train_table(result.evaluations))
     steps = (f"{result.steps} steps" if result.stopped is None
@@ -323,23 +410,30 @@ def _run_training(config: Path, out: Path, *, resume: bool, as_json: bool,
     console.print(f"run finished: {result.out}  {steps}  "
                   f"wall {result.wall_seconds:.0f}s  model: {RunDir(result.out).final}",
                   markup=False, highlight=False)
-    if as_json:
-        print(json.dumps(json.loads(RunDir(result.out).result.read_text())))
+    emit(json.loads(RunDir(result.out).result.read_text()))
 
 
-def _eval_table(report: dict) -> Table:
-    from dpalign.world.build import POPE_SPLITS
+POPE_METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+CHAIR_METRICS = ("chair_s", "chair_i", "recall", "partner_hallucination_rate")
 
-    table = Table(title=f"Hallucination figures (CHAIR rules: {report['chair']['rules']})")
-    for column in ("metric", *POPE_SPLITS):
+
+def _world_tables(report: dict) -> list[Table]:
+    """The world's figures: POPE as metric x split, then CHAIR, object recall and the
+    partner-hallucination rate as metric, value."""
+    pope = report["pope"]
+    table = Table(title="POPE on the world (yes/no questions)")
+    for column in ("metric", *pope):
         table.add_column(column, justify="right")
-    for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
-        table.add_row(f"POPE {key}", *(f"{report['pope'][s][key]:.3f}" for s in POPE_SPLITS))
+    for key in POPE_METRICS:
+        table.add_row(key, *(f"{split[key]:.3f}" for split in pope.values()))
     chair = report["chair"]
-    for key in ("chair_s", "chair_i", "recall", "partner_hallucination_rate"):
-        table.add_row(f"CHAIR {key}" if key.startswith("chair") else key, f"{chair[key]:.3f}",
-                      "", "")
-    return table
+    captions = Table(title=f"Captions on the world (CHAIR rules: {chair['rules']})")
+    captions.add_column("metric")
+    captions.add_column("value", justify="right")
+    for key in CHAIR_METRICS:
+        captions.add_row(f"CHAIR {key}" if key.startswith("chair") else key,
+                         f"{chair[key]:.3f}")
+    return [table, captions]
 
 
 def _published_tables(published: dict) -> list[Table]:
@@ -350,7 +444,7 @@ def _published_tables(published: dict) -> list[Table]:
         table = Table(title=f"POPE on published files (images: {published['images']})")
         for column in ("metric", *pope):
             table.add_column(column, justify="right")
-        for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+        for key in POPE_METRICS:
             table.add_row(key, *(f"{result[key]:.3f}" for result in pope.values()))
         table.add_row("questions", *(str(result["n"]) for result in pope.values()))
         tables.append(table)
@@ -371,7 +465,7 @@ def _published_tables(published: dict) -> list[Table]:
 
 def _eval_tables(report: dict) -> list[Table]:
     """The world's table (when a world was evaluated) and the published files' tables."""
-    world = [_eval_table(report)] if "world" in report else []
+    world = _world_tables(report) if "world" in report else []
     return world + _published_tables(report.get("published", {}))
 
 
@@ -407,18 +501,18 @@ def audit_command(
     ] = "gradient",
     seed: Annotated[int, typer.Option(help="Which canaries are in; their batches.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the audit at OUT.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Last line: audit.json.")] = False,
-    overrides: Overrides = None,
+    as_json: JsonLine = False,
+    overrides: AuditOverrides = None,
 ) -> None:
     """Empirical epsilon lower bound from one training run (Steinke, Nasr & Jagielski 2023).
 
     Trains the configured run with m canaries, each included with probability 1/2, scores
     them, and reports the largest epsilon that the guesses reject at 95 % confidence, next
     to the run's claimed epsilon, with membership-inference AUC and TPR at low FPR. Writes
-    OUT/audit.json (last), OUT/audit/canaries.parquet and OUT/audit/scores.png.
+    OUT/audit.json (last), OUT/audit/canaries.parquet and OUT/audit/scores.png. The --json
+    object is OUT/audit.json.
     """
     from pydantic import ValidationError
-    from rich.markup import escape
 
     from dpalign.audit.config import AuditConfig
     from dpalign.audit.run import run_audit
@@ -436,12 +530,11 @@ def audit_command(
         with _warnings_as_lines():
             report = run_audit(cfg, out, audit, resume=resume)
     except OSError as exc:
-        raise fail(escape(_os_error_text(exc, out))) from exc
+        raise fail(_os_error_text(exc, out)) from exc
     except (ConfigError, DataValidationError, RunDirError, ValueError) as exc:
-        raise fail(escape(str(exc))) from exc
+        raise fail(str(exc)) from exc
     console.print(_audit_line(report), markup=False, highlight=False)
-    if as_json:
-        print(json.dumps(report))
+    emit(report)
 
 
 @app.command("eval")
@@ -470,14 +563,17 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(help="JSON file (default MODEL/eval.json).")] = None,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 64,
     limit: Annotated[int | None, typer.Option(help="At most N images per part.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Last line: the JSON result.")] = False,
+    as_json: JsonLine = False,
     device: Annotated[str, typer.Option(help="auto (GPU if visible) | cpu | cuda[:N].")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")] = "auto",
     trust_remote_code: Annotated[bool, typer.Option(
         help="Run Python code shipped in the model folder (only for folders you trust).")
     ] = False,
 ) -> None:
-    """POPE, CHAIR and object recall of a model on a world and/or on published files."""
+    """POPE, CHAIR and object recall of a model on a world and/or on published files.
+
+    The --json object is the report written to OUT without its per-caption and
+    per-question lists."""
     from rich.markup import escape
 
     from dpalign.eval.published import plan_published, plan_warnings, run_published
@@ -500,7 +596,7 @@ def evaluate(
         vlm = load_model(model, device=str(where), dtype=resolve_dtype(dtype, where),
                        trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise fail(escape(str(exc))) from exc
+        raise fail(str(exc)) from exc
     report = {} if the_world is None else evaluate_world(
         vlm.model, vlm.processor, the_world, EvalSettings(batch_size=batch_size, limit=limit))
     if plan is not None:
@@ -510,15 +606,13 @@ def evaluate(
     for table in _eval_tables(report):
         console.print(table)
     console.print(f"written: {path}")
-    if as_json:
-        print(json.dumps(_eval_summary(report)))
+    emit(_eval_summary(report))  # type: ignore[arg-type]
 
 
 Accountant = Annotated[str, typer.Option(help="Privacy accountant: pld (tight) or rdp.")]
 SampleRate = Annotated[float, typer.Option(help="Poisson sampling rate q in (0, 1].")]
 DpSteps = Annotated[int, typer.Option(help="Number of DP-SGD steps.")]
 Delta = Annotated[float, typer.Option(help="Target delta, in (0, 1).")]
-JsonLine = Annotated[bool, typer.Option("--json", help="Last line: a JSON object.")]
 
 
 @app.command("epsilon")
@@ -530,7 +624,9 @@ def epsilon_command(
     accountant: Accountant = "pld",
     as_json: JsonLine = False,
 ) -> None:
-    """Epsilon spent by Poisson-sampled DP-SGD (sigma, q, steps) at delta."""
+    """Epsilon spent by Poisson-sampled DP-SGD (sigma, q, steps) at delta.
+
+    The --json object: epsilon, delta, sigma, sample_rate, steps, accountant."""
     from dpalign.privacy.accounting import account
 
     try:
@@ -541,8 +637,7 @@ def epsilon_command(
             "sample_rate": sample_rate, "steps": steps, "accountant": result.accountant}
     console.print(f"epsilon {result.epsilon:.4f} at delta {delta:g} ({result.accountant}; "
                   f"sigma {sigma:g}, q {sample_rate:g}, {steps} steps)", highlight=False)
-    if as_json:
-        print(json.dumps(info))
+    emit(info)
 
 
 @app.command("calibrate")
@@ -554,7 +649,10 @@ def calibrate_command(
     accountant: Accountant = "pld",
     as_json: JsonLine = False,
 ) -> None:
-    """The smallest noise multiplier sigma that keeps epsilon <= the target."""
+    """The smallest noise multiplier sigma that keeps epsilon <= the target.
+
+    The --json object: sigma, epsilon, target_epsilon, delta, sample_rate, steps,
+    accountant."""
     from dpalign.privacy.accounting import account, calibrate_sigma
 
     try:
@@ -568,8 +666,7 @@ def calibrate_command(
     console.print(f"sigma {sigma:.4f} gives epsilon {result.epsilon:.4f} <= "
                   f"{target_epsilon:g} at delta {delta:g} ({result.accountant}; "
                   f"q {sample_rate:g}, {steps} steps)", highlight=False)
-    if as_json:
-        print(json.dumps(info))
+    emit(info)
 
 
 def _reward_defaults(config: Path, overrides: list[str]) -> list[str]:
@@ -595,16 +692,17 @@ def reward_train(
     out: Annotated[Path, typer.Option(help="Run directory; the model is saved in OUT/final.")],
     resume: Annotated[bool, typer.Option(help="Continue the run at OUT from its newest "
                                                "checkpoint.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Last line: result.json.")] = False,
-    overrides: Overrides = None,
+    as_json: JsonLine = False,
+    overrides: RewardOverrides = None,
 ) -> None:
     """Train a reward model (Bradley-Terry, DP): `dpalign train` of a reward model.
 
     reward.enabled=true is forced and the loss is bradley_terry when the config names none;
-    DP, ledger, checkpoints, resume and errors are those of `dpalign train`.
+    DP, ledger, checkpoints, resume, errors and the --json object (OUT/result.json) are those
+    of `dpalign train`.
     """
     given = list(overrides or [])
-    _run_training(config, out, resume=resume, as_json=as_json,
+    _run_training(config, out, resume=resume,
                   overrides=[*_reward_defaults(config, given), *given, "reward.enabled=true"])
 
 
@@ -636,10 +734,9 @@ def reward_eval(
     """Pairwise accuracy of a reward model on a preference file, with its 95 % interval.
 
     A tie (r_w = r_l up to rounding) counts as wrong; the ties and the mean margin r_w - r_l
-    are shown too. The file is read and checked before the model loads.
+    are shown too. The file is read and checked before the model loads. The --json object:
+    model, data, n, accuracy, ci_low, ci_high, ties, mean_margin (and out).
     """
-    from rich.markup import escape
-
     from dpalign.data.records import read_preference_jsonl
     from dpalign.io import atomic_write_jsonl
     from dpalign.models.load import resolve_device, resolve_dtype
@@ -653,17 +750,16 @@ def reward_eval(
                                    dtype=resolve_dtype("auto", where))
         result = evaluate_reward(loaded, records, batch_size)
     except FactsError as exc:
-        raise fail(escape(f"{data}: {exc}")) from exc
+        raise fail(f"{data}: {exc}") from exc
     except (OSError, ValueError) as exc:  # includes DataValidationError (file:line)
-        raise fail(escape(str(exc))) from exc
+        raise fail(str(exc)) from exc
     summary = {"model": str(loaded.path), "data": str(data), **result.summary()}
     if out is not None:
         summary["out"] = str(atomic_write_jsonl(out, result.rows()))
     console.print(_reward_table(summary))
     if out is not None:
         console.print(f"written: {out}", markup=False, highlight=False)
-    if as_json:
-        print(json.dumps(summary))
+    emit(summary)
 
 
 @app.command()
@@ -679,11 +775,13 @@ def study(
     backend: Annotated[str, typer.Option(help="local (process pool) | ray.")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray cluster address (ray backend).")] = None,
     as_json: JsonLine = False,
-    overrides: Overrides = None,
+    overrides: StudyOverrides = None,
 ) -> None:
     """Run a grid of alignment runs (mechanism x epsilon x K x seed x loss x any setting, e.g.
     optim.lr or privacy.clipping); with halving, only the best settings run every seed;
-    resumable."""
+    resumable.
+
+    The --json object: out, runs, failed, report, points."""
     from dpalign.config import ConfigError
     from dpalign.study import load_study, preset_path, run_study
     from dpalign.study.models import with_model
@@ -717,10 +815,9 @@ def study(
     for sentence in report.sentences:
         console.print(f"- {sentence}", highlight=False)
     console.print(f"report: {report.html}", highlight=False)
-    if as_json:
-        print(json.dumps({"out": str(out), "runs": len(result.runs), "failed": len(failed),
-                          "report": str(report.html),
-                          "points": json.loads(result.points.to_json(orient="records"))}))
+    emit({"out": str(out), "runs": len(result.runs), "failed": len(failed),
+          "report": str(report.html),
+          "points": json.loads(result.points.to_json(orient="records"))})
 
 
 @app.command("report")
@@ -731,7 +828,9 @@ def report_command(
         help="HTML file to write (default DIR/report.html; figures/ goes beside it).")] = None,
     as_json: JsonLine = False,
 ) -> None:
-    """Write a self-contained HTML report (verdict, figures, tables, reproducibility)."""
+    """Write a self-contained HTML report (verdict, figures, tables, reproducibility).
+
+    The --json object: report, figures, verdict."""
     from dpalign.report import ReportInputError, write_report
 
     try:
@@ -741,10 +840,83 @@ def report_command(
     for sentence in report.sentences:
         console.print(f"- {sentence}", highlight=False)
     console.print(f"report: {report.html}  ({len(report.figures)} figures)", highlight=False)
-    if as_json:
-        print(json.dumps({"report": str(report.html),
-                          "figures": [str(p) for p in report.figures],
-                          "verdict": list(report.sentences)}))
+    emit({"report": str(report.html), "figures": [str(p) for p in report.figures],
+          "verdict": list(report.sentences)})
+
+
+SETTINGS_COMMANDS = ("train", "reward", "audit", "world", "study", "pretrain")
+
+
+def settings_model(command: str, preset: str = "tiny") -> type[BaseModel]:
+    """The config model whose keys ``command``'s key=value arguments set (pretrain: the
+    ``preset``'s settings class)."""
+    if command in ("train", "reward", "audit"):
+        from dpalign.train.config import TrainConfig
+
+        return TrainConfig
+    if command == "world":
+        from dpalign.world.config import WorldConfig
+
+        return WorldConfig
+    if command == "study":
+        from dpalign.study.config import StudyConfig
+
+        return StudyConfig
+    if command == "pretrain":
+        from dpalign.pretrain import PRESETS
+
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        return PRESETS[preset].config
+    raise ValueError(f"no settings for {command!r}; choose one of "
+                     f"{', '.join(SETTINGS_COMMANDS)}")
+
+
+def _value_text(value: object) -> str:
+    """A default as YAML (how a key=value override writes it)."""
+    import yaml
+    from pydantic_core import to_jsonable_python
+
+    text = yaml.safe_dump(to_jsonable_python(value), default_flow_style=True, width=10**6)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
+@app.command("settings")
+def settings_command(
+    command: Annotated[str, typer.Argument(
+        metavar="COMMAND", help=f"The command: {' | '.join(SETTINGS_COMMANDS)}.")],
+    preset: Annotated[str, typer.Option(help="pretrain: the preset whose settings to list "
+                                             "(tiny | smol | smollm2).")] = "tiny",
+    as_json: JsonLine = False,
+) -> None:
+    """Every key=value setting of COMMAND (its YAML keys too): key, type, default, help.
+
+    Read from the command's config model. reward and audit take train's settings. A key
+    inside a section that is off by default (a study's halving or audit) shows the default
+    it takes once set. The --json object: command, model, settings (key, type, default,
+    required, help).
+    """
+    from dataclasses import asdict
+
+    from pydantic_core import to_jsonable_python
+
+    from dpalign.config import settings_of
+
+    try:
+        model = settings_model(command, preset)
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    found = settings_of(model)
+    if not as_json:
+        table = Table(title=f"dpalign {command} settings ({model.__name__})")
+        for column in ("key", "type", "default", "help"):
+            table.add_column(column, overflow="fold")
+        for s in found:
+            default = "(required)" if s.required else _value_text(s.default)
+            table.add_row(*(Text(cell) for cell in (s.key, s.type, default, s.help)))
+        Console(width=max(console.width, 150)).print(table)
+    emit({"command": command, "model": model.__name__,
+          "settings": [to_jsonable_python(asdict(s)) for s in found]})
 
 
 def main() -> None:

@@ -216,7 +216,7 @@ def test_cli_audit_writes_audit_json_and_refuses_bad_kind(make_config: MakeConfi
                               "--canaries", "300", "--json", "train.steps=2"])
     assert res.exit_code == 0, res.output
     last = json.loads(res.output.strip().splitlines()[-1])
-    assert last == json.loads((tmp_path / "o" / "audit.json").read_text())
+    assert last == {"ok": True, **json.loads((tmp_path / "o" / "audit.json").read_text())}
     assert last["canaries"] == 300 and last["steps"] == 2
     assert "audited lower bound" in res.output
     bad = runner.invoke(app, ["audit", "--config", str(path), "--out", str(tmp_path / "b"),

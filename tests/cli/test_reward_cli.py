@@ -60,7 +60,8 @@ def test_reward_train_sets_the_reward_task(run: tuple[Path, dict[str, Any]]) -> 
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["reward"] == {"enabled": True, "facts": "objects", "facts_field": "caption"}
     assert saved["loss"]["name"] == "bradley_terry"
-    assert summary["steps"] == 2 and summary == json.loads((out / "result.json").read_text())
+    assert summary["steps"] == 2
+    assert summary == {"ok": True, **json.loads((out / "result.json").read_text())}
     info = json.loads((out / "final" / "reward.json").read_text())
     assert info["facts"] == "objects" and len(info["train_ids"]) == 16
 

@@ -48,17 +48,18 @@ def test_train_help() -> None:
 
 
 def test_train_end_to_end(small_world: Path, tiny_model: Path, tmp_path: Path) -> None:
-    """Exit 0; the last stdout line is result.json (the override train.steps=4 applied); the
-    run dir holds the resolved config, 4 metrics lines, evaluations at 0 and 4 with POPE and
-    CHAIR, the reference cache, the last checkpoint, and a final model whose held-out
-    rewards (recomputed here from the saved weights) equal the logged final evaluation."""
+    """Exit 0; the last stdout line is result.json with "ok": true (the override
+    train.steps=4 applied); the run dir holds the resolved config, 4 metrics lines,
+    evaluations at 0 and 4 with POPE and CHAIR, the reference cache, the last checkpoint,
+    and a final model whose held-out rewards (recomputed here from the saved weights) equal
+    the logged final evaluation."""
     config = _write(tmp_path / "run.yaml", _config(small_world, tiny_model))
     out = tmp_path / "run"
     result = runner.invoke(app, ["train", "--config", str(config), "--out", str(out), "--json",
                                  "train.steps=4"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary == json.loads((out / "result.json").read_text())
+    assert summary == {"ok": True, **json.loads((out / "result.json").read_text())}
     assert summary["steps"] == 4 and summary["n_pairs"] == 8
 
     saved = yaml.safe_load((out / "config.yaml").read_text())

@@ -419,7 +419,8 @@ def test_cli_convert_summary_and_errors(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "wrote 1 pairs from 2 rows" in result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
-    assert summary == {"source": str(source), "out": str(out), "format": "rlaif-v", "rows": 2,
+    assert summary == {"ok": True, "source": str(source), "out": str(out), "format": "rlaif-v",
+                       "rows": 2,
                        "records": 1, "embedded_images": 1,
                        "images_dir": str((tmp_path / "pairs_images").absolute()),
                        "skipped": {"chosen and rejected are identical": 1}}

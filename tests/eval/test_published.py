@@ -25,6 +25,7 @@ from dpalign.eval.coco import (
 )
 from dpalign.eval.pope import PopeFormatError, parse_yes_no, pope_metrics
 from dpalign.eval.published import (
+    PACKAGED_SYNONYMS,
     PublishedInputError,
     chair_from_coco,
     default_synonyms_file,
@@ -309,8 +310,12 @@ def test_default_synonyms_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(PublishedInputError, match="pass --synonyms FILE"):
         default_synonyms_file()
     monkeypatch.delenv("DPALIGN_CHAIR_SYNONYMS")
-    if COCO_SYNONYMS.is_file():
-        assert default_synonyms_file().read_text() == COCO_SYNONYMS.read_text()
+    packaged = default_synonyms_file()  # shipped in the package: no checkout needed
+    assert packaged == PACKAGED_SYNONYMS
+    assert (packaged.parent / "LICENSE-coco-synonyms.txt").read_text().count("BSD 2-Clause") == 2
+    if COCO_SYNONYMS.is_file():  # the shared reference copy: byte for byte the same list
+        assert packaged.read_bytes() == COCO_SYNONYMS.read_bytes()
+    assert len(SynonymMap.from_file(packaged).categories) == 80
 
 
 def test_plan_needs_images_and_distinct_names(tmp_path: Path) -> None:

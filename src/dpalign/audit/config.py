@@ -22,7 +22,9 @@ class AuditConfig(Section):
     that skipped clipping shows). ``level``: the audit's significance (0.05: the bound holds
     with 95 % confidence)."""
 
-    kind: Literal["gradient", "input"] = "gradient"
+    kind: Literal["gradient", "input"] = Field(
+        "gradient", description="gradient (white box, Dirac units) | input (black box, "
+                                "unique pairs)")
     canaries: int | None = Field(None, ge=2, description="m (default: 10000 gradient, "
                                                          "256 input)")
     seed: int = Field(0, ge=0, description="which canaries are in, and their batches")

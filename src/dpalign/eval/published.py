@@ -74,7 +74,8 @@ CAPTION_PROMPT = "Describe this image."  # AMBER's generative-task prompt
 POPE_MAX_NEW_TOKENS = 16  # the POPE rule reads the first sentence only
 CAPTION_MAX_NEW_TOKENS = 128
 SYNONYMS_ENV = "DPALIGN_CHAIR_SYNONYMS"
-_SHARED_SYNONYMS = Path("shared") / "reference" / "chair" / "synonyms.txt"
+# The CHAIR authors' COCO synonym list, shipped inside the package (BSD-2, licence beside it).
+PACKAGED_SYNONYMS = Path(__file__).resolve().parent / "data" / "coco_synonyms.txt"
 
 
 class PublishedInputError(ValueError):
@@ -306,22 +307,17 @@ def chair_from_coco(model: PreTrainedModel, processor: ProcessorMixin,
 def default_synonyms_file() -> Path:
     """The COCO CHAIR synonym list used when none is given.
 
-    ``$DPALIGN_CHAIR_SYNONYMS`` when set; otherwise ``shared/reference/chair/synonyms.txt``
-    inside or beside the checkout this package runs from.
+    ``$DPALIGN_CHAIR_SYNONYMS`` when set; otherwise the list shipped in the package
+    (``dpalign/eval/data/coco_synonyms.txt``, the CHAIR authors' ``data/synonyms.txt``
+    unchanged, with its BSD-2 licence in ``LICENSE-coco-synonyms.txt``).
 
     Raises:
-        PublishedInputError: if no such file exists.
+        PublishedInputError: if that file does not exist.
     """
-    if SYNONYMS_ENV in os.environ:
-        candidates = [Path(os.environ[SYNONYMS_ENV])]
-    else:
-        checkout = Path(__file__).resolve().parents[3]  # src/dpalign/eval/ -> repository root
-        candidates = [checkout / _SHARED_SYNONYMS, checkout.parent / _SHARED_SYNONYMS]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise PublishedInputError(f"no CHAIR synonym list at {[str(c) for c in candidates]}; "
-                              "pass --synonyms FILE")
+    candidate = Path(os.environ.get(SYNONYMS_ENV, PACKAGED_SYNONYMS))
+    if not candidate.is_file():
+        raise PublishedInputError(f"no CHAIR synonym list at {candidate}; pass --synonyms FILE")
+    return candidate
 
 
 def plan_published(images: str | os.PathLike[str] | None,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from dpalign.config import ConfigError, deep_merge, nest_dotted
 from dpalign.data.records import read_preference_jsonl, write_preference_jsonl
 from dpalign.data.text_pairs import text_pair
 from dpalign.study.config import SAMPLE_RATE, StudyConfig
+from dpalign.track.mlflow_sink import STORE, sqlite_uri
 from dpalign.train.config import TrainConfig
 from dpalign.world.load import World
 
@@ -174,6 +176,31 @@ def train_config(study: StudyConfig, point: Point, text_dir: Path | None = None
         return TrainConfig.model_validate(data)
     except ValueError as exc:
         raise ConfigError(f"study {study.name!r}, run {point.name}: {exc}") from exc
+
+
+def with_tracking(cfg: TrainConfig, study: StudyConfig, point: Point, out: Path
+                  ) -> TrainConfig:
+    """``cfg`` with its ``log`` settings (the study's ``base.log``) made the study's: one
+    MLflow experiment for the study (``log.mlflow.experiment``, default the study's name) in
+    one store (``log.mlflow.tracking_uri``, default ``$MLFLOW_TRACKING_URI``, else
+    ``OUT/mlflow.db``), one MLflow run per grid run named like it and tagged with its grid
+    values (``grid.<column>``); TensorBoard files in each run's folder (``log.tensorboard.dir``
+    set: ``DIR/<run name>``). Unchanged without tracking."""
+    log = cfg.log
+    if not log.to:
+        return cfg
+    tags = {"dpalign.study": study.name, "dpalign.point": point.point,
+            **{f"grid.{k}": _text(v) for k, v in point.columns().items()
+               if k not in ("run", "point")}, **log.mlflow.tags}
+    uri = (log.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+           or sqlite_uri(Path(out) / STORE))
+    mlflow = {"tracking_uri": uri, "experiment": log.mlflow.experiment or study.name,
+              "run_name": point.name, "tags": tags}
+    board = {"dir": None if log.tensorboard.dir is None
+             else str(log.tensorboard.dir / point.name)}
+    data = deep_merge(cfg.model_dump(mode="json"),
+                      {"log": {"mlflow": mlflow, "tensorboard": board}})
+    return TrainConfig.model_validate(data)
 
 
 EFFECTIVE = ("lr", "optimizer", "batch_size", "sample_rate", "steps", "max_grad_norm",

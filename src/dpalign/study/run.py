@@ -13,6 +13,9 @@ Study directory layout:
                           audit/ and audit.json besides
     DIR/runs.parquet      a row per run        (dpalign.study.store)
     DIR/points.parquet    a row per grid point (dpalign.study.store)
+    DIR/mlflow.db         with base.log.to naming mlflow (and no other tracking URI): the
+                          study's MLflow store, one experiment, one MLflow run per grid run
+                          (dpalign.study.grid.with_tracking)
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from dpalign.progress import make_progress
 from dpalign.rundir import StudyDir
 from dpalign.study.base import evaluate_base, read_base
 from dpalign.study.config import StudyConfig
-from dpalign.study.grid import TEXT_DIR, Point, expand, train_config
+from dpalign.study.grid import TEXT_DIR, Point, expand, train_config, with_tracking
 from dpalign.study.halving import promoted, rungs
 from dpalign.study.provenance import weights_hash, write_provenance
 from dpalign.study.runner import (
@@ -45,6 +48,7 @@ from dpalign.study.runner import (
     threads_per_run,
 )
 from dpalign.study.store import points_table, runs_table, write_parquet
+from dpalign.track import setup_shared
 from dpalign.train.config import TrainConfig
 
 
@@ -107,13 +111,14 @@ def run_study(study: StudyConfig, out: str | Path, *, backend: str = "local",
         raise ConfigError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     out = Path(out)
     points = expand(study)
-    configs = {p.name: train_config(study, p, out / TEXT_DIR)  # every error before any run
-               for p in points}
+    configs = {p.name: with_tracking(train_config(study, p, out / TEXT_DIR), study, p, out)
+               for p in points}  # every error before any run
     _check_tuning(study, configs)
     _check_audit(study, configs)
     _claim(out, study)
     study_dir = StudyDir(out)
     first_config = next(iter(configs.values()))
+    setup_shared(first_config.log)  # the study's MLflow experiment, before runs in parallel
     digest = weights_hash(first_config.model)
     write_provenance(study_dir.meta, study, command if command is not None else sys.argv,
                      first_config, digest)

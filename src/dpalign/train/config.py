@@ -23,6 +23,7 @@ from dpalign.models.lora import LoraConfig
 from dpalign.online.config import BDHSConfig, OnlineConfig
 from dpalign.privacy.config import PrivacyConfig
 from dpalign.rl.config import METHODS, RL_METHODS, RewardConfig, RLConfig
+from dpalign.track.config import LogConfig
 from dpalign.train.optim import OptimConfig
 
 
@@ -124,6 +125,10 @@ class TrainConfig(Section):
     bdhs: BDHSConfig = BDHSConfig()
     reward: RewardConfig = RewardConfig()
     rl: RLConfig = RLConfig()
+    log: LogConfig = Field(
+        default_factory=LogConfig, exclude_if=lambda log: log == LogConfig(),
+        description="experiment tracking: TensorBoard / MLflow mirrors of metrics.jsonl and "
+                    "eval.jsonl (left out of the saved config while it is the default)")
 
     @model_validator(mode="after")
     def _reward_model(self) -> TrainConfig:

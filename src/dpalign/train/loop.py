@@ -57,6 +57,7 @@ from dpalign.privacy.plan import PrivacyPlan, rank_and_world, spent_epsilon
 from dpalign.progress import make_progress
 from dpalign.rl.privacy import composed
 from dpalign.rundir import RunDir, RunDirError
+from dpalign.track import Tracker, check_installed, open_tracker, run_info
 from dpalign.train.checkpoint import latest_checkpoint, restore, save_checkpoint
 from dpalign.train.checks import (
     RunData,
@@ -281,6 +282,7 @@ class Session:
     grad_step: GradStep
     records: list[PreferenceRecord] = field(default_factory=list)
     reward_info: dict[str, Any] | None = None
+    tracker: Tracker = field(default_factory=Tracker)
 
     def step(self, step: int, state: LoopState) -> tuple[dict[str, Any], LoopState]:
         """One optimizer update on batch ``step`` (1-based): the step's metrics row and the
@@ -409,6 +411,7 @@ def _evaluate(run: Session, out: Path, evaluations: list[dict[str, Any]], step: 
               final: bool = True) -> None:
     evaluations.append(run.evaluate(run.model, step, final=final))
     append_jsonl(RunDir(out).evals, evaluations[-1])
+    run.tracker.evaluation(evaluations[-1])
 
 
 def _run_steps(run: Session, out: Path, start: int, state: LoopState,
@@ -427,6 +430,7 @@ def _run_steps(run: Session, out: Path, start: int, state: LoopState,
             row, state = run.step(step, state)
             history.append(row)
             append_jsonl(run_dir.metrics, row)
+            run.tracker.metrics(row)
             if on_step:
                 on_step(row)
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == last):
@@ -464,11 +468,25 @@ def _privacy_summary(run: Session, state: LoopState, taken: int) -> dict[str, An
     return privacy
 
 
+def _tracker(cfg: TrainConfig, out: Path, metrics: list[dict[str, Any]],
+             evals: list[dict[str, Any]]) -> Tracker:
+    """The run's tracker (``log.to``, on rank 0 only; none: one that does nothing), its
+    backends brought to hold the logs' rows kept so far (``dpalign.track``)."""
+    if not cfg.log.to or rank_and_world()[0] != 0:
+        return Tracker()
+    tags = {"dpalign.run_dir": str(out.resolve()), "dpalign.method": cfg.method,
+            "dpalign.loss": cfg.loss.name, "dpalign.model": str(cfg.model),
+            "dpalign.dp": str(cfg.privacy.enabled).lower(), **cfg.log.mlflow.tags}
+    return open_tracker(cfg.log, run_info(out, cfg.model_dump(mode="json"), tags, metrics,
+                                          evals))
+
+
 def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
           on_step: StepHook | None = None, canaries: Canaries | None = None) -> TrainResult:
     """Train ``cfg.model`` on the preference pairs of ``cfg.data``; see the module doc.
     ``canaries``: an audit's (``dpalign.audit.run``), None in every other run."""
     out = _rank_dir(Path(out), cfg)
+    check_installed(cfg.log)
     started = time.perf_counter()
     run = _open_run(cfg, out, resume, canaries)
     model, total = run.model, run.total
@@ -483,25 +501,27 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False,
     history = _truncate(run_dir.metrics, start)
     _check_history(run_dir.metrics, history, start)
     evaluations = _truncate(run_dir.evals, start)
-    if start == 0 and (cfg.eval.every or cfg.data.heldout) and not evaluations:
-        _evaluate(run, out, evaluations, 0, final=total == 0)
+    run.tracker = _tracker(cfg, out, history, evaluations)
+    with run.tracker:  # closed as failed if anything below raises
+        if start == 0 and (cfg.eval.every or cfg.data.heldout) and not evaluations:
+            _evaluate(run, out, evaluations, 0, final=total == 0)
 
-    state, stopped = _run_steps(run, out, start, state, history, evaluations, on_step)
-    taken = len(history)
-    if evaluations and evaluations[-1]["step"] != taken:  # the final model's evaluation
-        _evaluate(run, out, evaluations, taken)
-    with atomic_directory(run_dir.final) as staging:
-        merged(model).save_pretrained(staging)
-        run.processor.save_pretrained(staging)
-        save_task_info(cfg, staging, model, state, run.records)
-    wall = time.perf_counter() - started
-    final = history[-1] if history else {}
-    summary = _privacy_summary(run, state, taken)
-    if run.reward_info is not None:
-        atomic_write_json(run_dir.privacy, summary)
-    atomic_write_json(run_dir.result, {
-        "steps": taken, "planned_steps": total, "n_pairs": sum(len(unit) for unit in run.units),
-        "final_step": final, "evaluations": evaluations,
-        "privacy": summary, "stopped": stopped,
-        "wall_seconds": round(wall, 2)})
+        state, stopped = _run_steps(run, out, start, state, history, evaluations, on_step)
+        taken = len(history)
+        if evaluations and evaluations[-1]["step"] != taken:  # the final model's evaluation
+            _evaluate(run, out, evaluations, taken)
+        with atomic_directory(run_dir.final) as staging:
+            merged(model).save_pretrained(staging)
+            run.processor.save_pretrained(staging)
+            save_task_info(cfg, staging, model, state, run.records)
+        wall = time.perf_counter() - started
+        final = history[-1] if history else {}
+        summary = _privacy_summary(run, state, taken)
+        if run.reward_info is not None:
+            atomic_write_json(run_dir.privacy, summary)
+        atomic_write_json(run_dir.result, {
+            "steps": taken, "planned_steps": total, "n_pairs": sum(len(unit) for unit in run.units),
+            "final_step": final, "evaluations": evaluations,
+            "privacy": summary, "stopped": stopped,
+            "wall_seconds": round(wall, 2)})
     return TrainResult(out, taken, final, evaluations, wall, total, stopped)

@@ -17,16 +17,22 @@ class WorldConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    seed: int = 0
-    image_size: int = Field(64, ge=32, le=512)
-    grid: int = Field(2, ge=2, le=4)
-    max_objects: int = Field(4, ge=1, le=16)
-    cooccurrence: float = Field(0.9, ge=0.0, le=1.0)
-    hallucination_rate: float = Field(0.85, ge=0.0, le=1.0)
-    synonym_rate: float = Field(0.2, ge=0.0, le=1.0)
-    n_pretrain_images: int = Field(4000, ge=1)
-    n_pool_pairs: int = Field(512, ge=1)
-    n_heldout_pairs: int = Field(256, ge=1)
-    n_pope_images: int = Field(200, ge=1)
-    n_caption_images: int = Field(150, ge=1)
-    pairs_per_user: tuple[int, int] = (2, 8)
+    seed: int = Field(0, description="seed of every random choice (also --seed)")
+    image_size: int = Field(64, ge=32, le=512, description="image side in pixels")
+    grid: int = Field(2, ge=2, le=4, description="objects sit in a grid x grid layout")
+    max_objects: int = Field(4, ge=1, le=16, description="most objects in one scene")
+    cooccurrence: float = Field(0.9, ge=0.0, le=1.0,
+                                description="scales each partner pair's co-occurrence")
+    hallucination_rate: float = Field(0.85, ge=0.0, le=1.0,
+                                      description="scales the caption bias: an absent "
+                                                  "partner mentioned anyway")
+    synonym_rate: float = Field(0.2, ge=0.0, le=1.0,
+                                description="chance an object is named by a synonym")
+    n_pretrain_images: int = Field(4000, ge=1, description="images of the (biased) "
+                                                           "pretraining split")
+    n_pool_pairs: int = Field(512, ge=1, description="preference pairs in the pool")
+    n_heldout_pairs: int = Field(256, ge=1, description="held-out preference pairs")
+    n_pope_images: int = Field(200, ge=1, description="images of the POPE questions")
+    n_caption_images: int = Field(150, ge=1, description="images captioned for CHAIR")
+    pairs_per_user: tuple[int, int] = Field((2, 8), description="fewest and most pairs of "
+                                                                "one user (inclusive)")
