@@ -93,7 +93,7 @@ def test_defaults_follow_the_section_defaults() -> None:
     assert train["train.steps"]["type"] == "int | None"
     assert train["train.dtype"]["type"] == "'auto' | 'float32' | 'bfloat16' | 'float16'"
     assert train["lora.target_modules"]["type"] == "list[str]"
-    assert train["privacy.target_epsilon"]["help"] == ""  # no description: empty help
+    assert train["privacy.target_epsilon"]["help"].startswith("epsilon budget at delta")
     assert train["privacy.max_grad_norm"]["help"] == "per-unit clipping norm C"
     assert study["halving.seeds"]["default"] == 2 and study["audit.kind"]["default"] == "gradient"
     assert study["name"]["required"] and study["grid.epsilon"]["default"] == [float("inf")]
@@ -163,3 +163,11 @@ def test_unknown_command_fails() -> None:
     last = json.loads(result.stdout.strip().splitlines()[-1])
     assert last == {"ok": False, "error": "no settings for 'nope'; choose one of train, reward, "
                                           "audit, world, study, pretrain"}
+
+
+@pytest.mark.parametrize("command", ["train", "study"])
+def test_every_key_has_help(command: str) -> None:
+    """Every key ``dpalign settings`` lists for a run or a study says what it does."""
+    undocumented = [key for key, setting in listing(command).items()
+                    if not setting["help"].strip()]
+    assert not undocumented, f"keys without a description: {undocumented}"

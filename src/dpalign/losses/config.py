@@ -15,10 +15,18 @@ class LossConfig(Section):
     """The loss: a registered ``name`` (``dpalign.losses.LOSSES``), its ``beta`` and its own
     ``params``."""
 
-    name: str = "dpo"
-    beta: float = Field(0.1, gt=0)
-    params: dict[str, Any] = Field(default_factory=dict)
-    sft_weight: float = Field(0.0, ge=0)
+    name: str = Field("dpo", description="a registered loss (dpalign.losses.LOSSES: dpo, ipo, "
+                                         "robust, mdpo, dama, simpo, orpo, ...); "
+                                         "bradley_terry trains reward models")
+    beta: float = Field(0.1, gt=0, description="the loss's beta (DPO: scale of the implicit "
+                                               "reward beta log pi/pi_ref); held-out rewards "
+                                               "use it too")
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   description="the loss's own keyword parameters (e.g. robust "
+                                               "flip_rate); unknown keys are refused")
+    sft_weight: float = Field(0.0, ge=0, description="weight of an SFT term (per-token NLL of "
+                                                     "the chosen response) added to each "
+                                                     "pair's loss; 0 = none")
     length_normalize: bool = Field(
         False, description="use per-token mean log-probs (TRL does this for IPO)")
 

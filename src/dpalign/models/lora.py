@@ -17,12 +17,17 @@ class LoraConfig(Section):
     """LoRA adapters (peft) on the language model's ``target_modules``, or full fine-tuning
     when ``enabled`` is false."""
 
-    enabled: bool = True
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    enabled: bool = Field(True, description="train LoRA adapters (peft); off = full "
+                                            "fine-tuning of every parameter")
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: float = Field(16, gt=0, description="LoRA alpha: the adapters' update is scaled by "
+                                               "alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input "
+                                                        "(peft lora_dropout)")
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj",
-                                                              "o_proj"])
+                                                              "o_proj"],
+                                      description="names of the modules given adapters (the "
+                                                  "last part of a module's path), under scope")
     scope: str | None = Field(
         None, description="only modules whose path contains this; '' = anywhere; unset = "
                           "the model family's language model (language_model, text_model)")

@@ -44,9 +44,10 @@ class BDHSConfig(Section):
 
     mask_rate: float = Field(0.99, ge=0, le=1, description="probability that each image "
                                                            "token is masked in attention")
-    max_tries: int = Field(5, ge=1)
+    max_tries: int = Field(5, ge=1, description="most tries per sentence; the last try is "
+                                                "kept")
     threshold: float = Field(0.97, gt=0, le=1, description="resample while the sentence-"
                                                            "embedding cosine to the original "
                                                            "is above this")
     sampling: SamplingConfig = SamplingConfig()
-    seed: int = 0
+    seed: int = Field(0, description="seed of the yes/no swaps, split points and generation")

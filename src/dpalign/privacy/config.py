@@ -22,19 +22,32 @@ class PrivacyConfig(Section):
     shares sigma with the gradient, so the accounting is unchanged) or automatic.
     """
 
-    enabled: bool = False
-    unit: Literal["example", "user"] = "example"
-    noise_multiplier: float | None = Field(None, ge=0)
-    target_epsilon: float | None = Field(None, gt=0)
-    delta: float = Field(1e-5, gt=0, lt=1)
+    enabled: bool = Field(False, description="train with DP-SGD (per-unit clipping, Gaussian "
+                                             "noise, accounting); off = no DP-SGD")
+    unit: Literal["example", "user"] = Field(
+        "example", description="the privacy unit: example (one pair) or user (all pairs of "
+                               "one metadata.user_id)")
+    noise_multiplier: float | None = Field(
+        None, ge=0, description="sigma (noise std / C); None = calibrated to target_epsilon; "
+                                "with both, training stops before the target is exceeded")
+    target_epsilon: float | None = Field(
+        None, gt=0, description="epsilon budget at delta: sigma is calibrated to it for the "
+                                "planned steps and sample rate unless noise_multiplier is set")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) "
+                                                       "guarantee")
     max_grad_norm: float = Field(1.0, gt=0, description="per-unit clipping norm C")
-    sampling: Literal["poisson", "shuffle"] = "poisson"
-    accountant: Literal["pld", "rdp"] = "pld"
+    sampling: Literal["poisson", "shuffle"] = Field(
+        "poisson", description="poisson (each unit joins a batch with rate batch_size / "
+                               "units) or shuffle (exactly batch_size units drawn afresh each "
+                               "step; accounted with rdp)")
+    accountant: Literal["pld", "rdp"] = Field("pld", description="dp_accounting's PLD or RDP "
+                                                                 "accountant")
     engine: str = Field("hooks", description="per-pair gradients: hooks (Linear layers, "
                                              "one backward) or loop (any parameter)")
     secure_noise: bool = Field(False, description="noise seeded from OS entropy "
                                                   "(not reproducible: for deployment)")
-    noise_seed: int = 0
+    noise_seed: int = Field(0, description="seed of each step's noise generator (noise_seed, "
+                                           "step); unused with secure_noise")
     account_every: int = Field(10, ge=1, description="log epsilon every N steps")
     clipping: Literal["fixed", "adaptive", "automatic"] = Field(
         "fixed", description="fixed C; adaptive C_t tracking a norm quantile (Andrew et al. "

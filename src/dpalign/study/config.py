@@ -60,13 +60,28 @@ class GridConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="allow")
 
-    mechanism: list[Mechanism] = Field(default_factory=lambda: ["dp_sgd"], min_length=1)
-    epsilon: list[float] = Field(default_factory=lambda: [math.inf], min_length=1)
-    k: list[int] = Field(default_factory=lambda: [64], min_length=1)
-    seed: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    loss: list[str] = Field(default_factory=lambda: ["dpo"], min_length=1)
-    lr: list[float | None] = Field(default_factory=lambda: [None], min_length=1)
-    method: list[str] = Field(default_factory=lambda: ["offline"], min_length=1)
+    mechanism: list[Mechanism] = Field(
+        default_factory=lambda: ["dp_sgd"], min_length=1,
+        description="none | dp_sgd (DP-SGD to each epsilon) | label_dp (randomized response "
+                    "on the labels; dpo trains as robust)")
+    epsilon: list[float] = Field(
+        default_factory=lambda: [math.inf], min_length=1,
+        description="target epsilons of dp_sgd / label_dp; .inf = no noise (mechanism none)")
+    k: list[int] = Field(default_factory=lambda: [64], min_length=1,
+                         description="few-shot sizes (data.k) drawn from the world's pool")
+    seed: list[int] = Field(default_factory=lambda: [0], min_length=1,
+                            description="run seeds (train.seed, privacy.noise_seed): batch "
+                                        "order, LoRA init, DP noise")
+    loss: list[str] = Field(default_factory=lambda: ["dpo"], min_length=1,
+                            description="loss names (loss.name)")
+    lr: list[float | None] = Field(
+        default_factory=lambda: [None], min_length=1,
+        description="learning rates (optim.lr); null = base optim.lr or the mechanism's "
+                    "override")
+    method: list[str] = Field(
+        default_factory=lambda: ["offline"], min_length=1,
+        description="offline | online | mixed | bdhs | rloo | grpo, each once: compared, "
+                    "never tuned over")
 
     @field_validator("method")
     @classmethod
@@ -129,9 +144,15 @@ class TuneConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    metric: str = "final_val_reward_accuracy"
-    split: Literal["private", "public"] = "private"
-    fixed: dict[str, Any] = Field(default_factory=dict)
+    metric: str = Field("final_val_reward_accuracy",
+                        description="runs-table column tuned on, mean over seeds (higher is "
+                                    "better; lower for CHAIR-type)")
+    split: Literal["private", "public"] = Field(
+        "private", description="private (validation pairs from the private held-out data; "
+                               "uncounted by epsilon) | public (base.eval.validation)")
+    fixed: dict[str, Any] = Field(default_factory=dict,
+                                  description="{axis: value} shown 'at fixed settings' beside "
+                                              "the tuned; unnamed axes take their first value")
 
 
 class HalvingConfig(BaseModel):
@@ -143,8 +164,11 @@ class HalvingConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    seeds: int = Field(2, ge=1)
-    keep: float = Field(1 / 3, gt=0, le=1)
+    seeds: int = Field(2, ge=1, description="the first N seeds of grid.seed run by every "
+                                            "configuration")
+    keep: float = Field(1 / 3, gt=0, le=1, description="fraction of each group's "
+                                                        "configurations (ceil(keep x n)) "
+                                                        "that run the other seeds")
 
 
 class StudyConfig(BaseModel):
@@ -154,12 +178,19 @@ class StudyConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    model: Path
-    world: Path
-    base: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="the study's name (letters, digits, _ . -); the default "
+                                  "MLflow experiment")
+    model: Path = Field(description="base model folder every run trains")
+    world: Path = Field(description="world folder: its pool (data.train), held-out pairs "
+                                    "(data.heldout) and POPE/CHAIR")
+    base: dict[str, Any] = Field(default_factory=dict,
+                                 description="a TrainConfig as a dict, without model, world, "
+                                             "data.train and data.heldout (filled in)")
     grid: GridConfig = Field(default_factory=GridConfig)
-    overrides: dict[Mechanism, dict[str, Any]] = Field(default_factory=dict)
+    overrides: dict[Mechanism, dict[str, Any]] = Field(
+        default_factory=dict, description="{mechanism: {dotted TrainConfig key: value}} over "
+                                          "base; the grid's values apply last")
     tune: TuneConfig = Field(default_factory=TuneConfig)
     halving: HalvingConfig | None = None
     workers: int = Field(2, ge=1, description="runs at the same time (local backend)")

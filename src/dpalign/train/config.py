@@ -28,11 +28,16 @@ from dpalign.train.optim import OptimConfig
 
 
 class DataConfig(Section):
-    train: Path
-    heldout: Path | None = None
+    train: Path = Field(description="the preference pairs: a JSONL file or a saved dataset "
+                                    "folder; data.k of them are drawn for training")
+    heldout: Path | None = Field(
+        None, description="held-out pairs, logged as heldout_* (eval.validation_fraction may "
+                          "split off val_*); None = no held-out evaluation")
     k: int | None = Field(None, ge=1, description="few-shot size; None = the whole file")
-    seed: int = 0
-    hardness_field: str = "hardness_score"
+    seed: int = Field(0, description="seed of the few-shot draw (data.k), of label-DP's "
+                                     "randomized response and of mdpo's corrupted images")
+    hardness_field: str = Field("hardness_score", description="metadata field read as each "
+                                                              "pair's hardness (loss dama)")
     max_length: int | None = Field(
         None, ge=1, description="most tokens in a row (templated prompt with its image "
                                 "tokens + the longer response); a longer pair is refused "
@@ -41,16 +46,23 @@ class DataConfig(Section):
 
 
 class LoopConfig(Section):
-    steps: int | None = Field(None, ge=1)
-    epochs: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
+    steps: int | None = Field(None, ge=1, description="optimizer steps; give exactly one of "
+                                                      "steps and epochs")
+    epochs: int | None = Field(None, ge=1, description="passes over the training pairs: steps "
+                                                       "= epochs x ceil(pairs / batch_size)")
+    batch_size: int = Field(8, ge=1, description="pairs per step (rloo/grpo: prompts); under "
+                                                 "DP-SGD the expected batch: sample rate = "
+                                                 "batch_size / privacy units")
     micro_batch_size: int | None = Field(
         None, ge=1, description="pairs per forward/backward: a batch (a Poisson-sampled one "
                                 "too) is run in chunks of this many pairs and their gradients "
                                 "summed; the same update in less memory. None = whole batch")
-    seed: int = 0
-    threads: int | None = Field(None, ge=1)
-    log_every: int = Field(1, ge=1)
+    seed: int = Field(0, description="seed of batch sampling, torch (LoRA init, dropout) and "
+                                     "online generation")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch's "
+                                                        "default")
+    log_every: int = Field(1, ge=1, description="unused by dpalign train: every step is "
+                                                "written to metrics.jsonl")
     device: str = Field("auto", description="auto (a CUDA GPU if visible, else cpu) | cpu | "
                                             "cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -66,7 +78,8 @@ class LoopConfig(Section):
 
 class EvalConfig(Section):
     every: int | None = Field(None, ge=1, description="held-out evaluation every N steps")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="pairs per forward pass for held-out "
+                                                  "log-probs; prompts per POPE/CHAIR batch")
     world: bool | Literal["end"] = Field(
         True, description="POPE and CHAIR when the run names a world: at every evaluation "
                           "(true), never (false) or only at the last step (end)")
@@ -93,19 +106,21 @@ class EvalConfig(Section):
 
 
 class CheckpointConfig(Section):
-    every: int | None = Field(None, ge=1)
-    keep: int = Field(2, ge=1)
+    every: int | None = Field(None, ge=1, description="save a checkpoint every N steps; the "
+                                                      "last step is always saved")
+    keep: int = Field(2, ge=1, description="newest checkpoints kept; older ones are deleted")
 
 
 class TrainConfig(Section):
     """Everything ``dpalign train`` needs; ``model`` is a local model folder."""
 
-    model: Path
+    model: Path = Field(description="local model folder (transformers format) to train")
     trust_remote_code: bool = Field(
         False, description="run Python code shipped in the model folder (only for folders "
                            "you trust); off, only transformers' own classes load")
     data: DataConfig
-    world: Path | None = None
+    world: Path | None = Field(None, description="a world folder (dpalign world) for POPE and "
+                                                 "CHAIR (eval.world); None = none")
     loss: LossConfig = LossConfig()
     lora: LoraConfig = LoraConfig()
     optim: OptimConfig = OptimConfig()

@@ -111,13 +111,20 @@ OPTIMIZERS: dict[str, Callable[[Params, OptimConfig], torch.optim.Optimizer]] = 
 
 
 class OptimConfig(Section):
-    name: str = "adamw"
-    lr: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    schedule: str = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    name: str = Field("adamw", description="adamw | sgd | dpadam_bc (DP-AdamBC: the DP noise "
+                                           "variance taken out of Adam's second moment)")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (after warmup)")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay (decoupled for adamw and "
+                                                       "dpadam_bc)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum (unused by the others)")
+    schedule: str = Field("cosine", description="a transformers scheduler over the run's steps: "
+                                                "cosine, linear, constant, "
+                                                "constant_with_warmup, ...")
+    warmup_steps: int = Field(0, ge=0, description="warmup steps of the schedule (linear from "
+                                                   "0 to lr; constant has none)")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="without DP-SGD: clip the gradient's total norm to this (None "
+                               "= no clipping); DP-SGD clips to privacy.max_grad_norm instead")
     eps_floor: float = Field(DEFAULT_EPS_FLOOR, gt=0,
                              description="dpadam_bc: floor gamma' of v_hat - phi")
 
