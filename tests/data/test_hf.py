@@ -301,14 +301,14 @@ def test_materialize_config_data(tmp_path: Path) -> None:
     assert not (tmp_path / "bad").exists()
 
 
-def test_check_run_reads_a_saved_dataset(tmp_path: Path) -> None:
+def test_check_run_reads_a_saved_dataset(tmp_path: Path, tiny_model: Path) -> None:
     from dpalign.train.checks import check_run
     from dpalign.train.config import TrainConfig
 
     datasets.Dataset.from_list(_vision_rows()).save_to_disk(str(tmp_path / "train"))
     write_preference_jsonl(tmp_path / "held.jsonl", [_record("h", "Q", "A", "B")])
     cfg = TrainConfig.model_validate({
-        "model": str(tmp_path), "data": {"train": str(tmp_path / "train"),
+        "model": str(tiny_model), "data": {"train": str(tmp_path / "train"),
                                          "heldout": str(tmp_path / "held.jsonl")},
         "train": {"steps": 1, "batch_size": 2}})
     data = check_run(cfg)

@@ -19,6 +19,7 @@ from conftest import CrashError, MakeConfig, assert_same_run, crash_at
 from dpalign.cli import app
 from dpalign.data.records import read_preference_jsonl, write_preference_jsonl
 from dpalign.io import CorruptLogError, TornLineWarning, append_jsonl, read_jsonl, read_log_jsonl
+from dpalign.models.load import ModelFolderError
 from dpalign.privacy.accounting import epsilon
 from dpalign.train import loop
 from dpalign.train.checks import PrivacyBudgetError, SequenceLengthError, check_run
@@ -188,6 +189,12 @@ def test_model_folder_without_weights_is_one_error_line(make_config: MakeConfig,
         line = _error_line(result)
         assert str(folder) in line and cause in line
         assert not out.exists()
+    # the folder is checked before the privacy plan: with a budget that allows no step as
+    # well, the error is still the folder's (calibrating sigma first once cost ~30 s)
+    broke = make_config(model=str(no_config), privacy={
+        "enabled": True, "noise_multiplier": 0.3, "target_epsilon": 0.5})
+    with pytest.raises(ModelFolderError, match=r"no config\.json"):
+        check_run(broke)
 
 
 # --- 3. a failed fresh start leaves the directory as found ------------------------------------

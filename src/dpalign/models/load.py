@@ -59,15 +59,22 @@ class LoadedModel:
     path: Path
 
 
+def check_model_folder(path: str | Path) -> Path:
+    """``path`` if it holds a ``config.json`` (a ``save_pretrained`` folder), else a
+    ``ModelFolderError`` naming it: checked before any slow work, not only at load time."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelFolderError(f"{path}: no config.json here; pass a folder written by "
+                               "`save_pretrained` (e.g. one made by `dpalign pretrain`)")
+    return path
+
+
 def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu",
              trust_remote_code: bool = False) -> LoadedModel:
     """Model (eval mode, on ``device``: a torch name or ``auto``) and processor saved with
     ``save_pretrained`` in ``path``: a VLM, or a causal LM when the config has no vision
     config; the processor is loaded the way the model's family needs (``families``)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ModelFolderError(f"{path}: no config.json here; pass a folder written by "
-                               "`save_pretrained` (e.g. one made by `dpalign pretrain`)")
+    path = check_model_folder(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     auto = AutoModelForCausalLM if is_text_only(config) else AutoModelForImageTextToText
     model = auto.from_pretrained(

@@ -20,6 +20,7 @@ from dpalign.data.hf import read_records
 from dpalign.data.sampling import steps_per_epoch
 from dpalign.data.schema import PreferenceRecord
 from dpalign.models.encode import max_positions
+from dpalign.models.load import check_model_folder
 from dpalign.models.pairs import EncodedPair
 from dpalign.privacy.accounting import Ledger, epsilon
 from dpalign.privacy.label_dp import randomized_response
@@ -85,7 +86,9 @@ class RunData:
 
 def check_run(cfg: TrainConfig) -> RunData:
     """Read the data files and check the settings against them (``_check_sizes``, the
-    privacy units and budget) before anything is written or the model loads."""
+    privacy units and budget) before anything is written or the model loads. The model
+    folder is checked first: calibrating sigma to a target epsilon can take a while."""
+    check_model_folder(cfg.model)
     pool = read_records(cfg.data.train)
     _check_sizes(cfg, len(pool))
     records = few_shot(pool, cfg.data.k, cfg.data.seed)
