@@ -173,3 +173,14 @@ STUCK_EVALS = [
     {"step": 50, "heldout_reward_accuracy": 0.7, "heldout_reward_margin": 0.001,
      "pope_adversarial_f1": 0.72, "pope_adversarial_yes_ratio": 0.48},
 ]
+
+
+def leaf_commands(group: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Every leaf command of a click tree (``typer.main.get_command(app)``), by its words."""
+    found = {}
+    for name, command in getattr(group, "commands", {}).items():
+        if getattr(command, "commands", None):
+            found |= leaf_commands(command, (*path, name))
+        else:
+            found[(*path, name)] = command
+    return found

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
+from conftest import leaf_commands
 from dpalign.cli import app
 from dpalign.config import apply_overrides, load_yaml_config
 from dpalign.pretrain import default_config
@@ -25,21 +26,10 @@ runner = CliRunner()
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-def _commands(group: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    """Every leaf command of the click tree, by its words."""
-    found = {}
-    for name, command in getattr(group, "commands", {}).items():
-        if getattr(command, "commands", None):
-            found |= _commands(command, (*path, name))
-        else:
-            found[(*path, name)] = command
-    return found
-
-
 def _override_help() -> dict[tuple[str, ...], str]:
     """The help of each command's ``key=value`` argument."""
     helps = {}
-    for words, command in _commands(typer.main.get_command(app)).items():
+    for words, command in leaf_commands(typer.main.get_command(app)).items():
         for param in command.params:
             if param.name == "overrides":
                 helps[words] = param.help

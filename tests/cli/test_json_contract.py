@@ -14,26 +14,17 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner, Result
 
+from conftest import leaf_commands
 from dpalign.cli import JsonLine, JsonOnCrash, app
 from dpalign.privacy.accounting import account, calibrate_sigma
 
 runner = CliRunner()
 
 
-def _commands(group: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    found = {}
-    for name, command in getattr(group, "commands", {}).items():
-        if getattr(command, "commands", None):
-            found |= _commands(command, (*path, name))
-        else:
-            found[(*path, name)] = command
-    return found
-
-
 def _json_options() -> dict[tuple[str, ...], Any]:
     """The --json option of each command that has one."""
     options = {}
-    for words, command in _commands(typer.main.get_command(app)).items():
+    for words, command in leaf_commands(typer.main.get_command(app)).items():
         for param in command.params:
             if "--json" in getattr(param, "opts", []):
                 options[words] = param
